@@ -1,0 +1,1 @@
+"""The FastAPI / OpenAI-compatible front end of specapprox-vllm."""

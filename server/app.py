@@ -1,0 +1,74 @@
+"""Assembling the HTTP app: vLLM's OpenAI app around our engine client, plus our middleware.
+
+Layers, outermost first: authentication (OpenAI error shape, every route but ``/health``) ->
+``approx`` request/response extension -> vLLM's FastAPI app (chat, completions, models,
+health, metrics, tokenize ...), whose ``engine_client`` is :class:`ApproxEngineClient`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from typing import Any
+
+from server.approx_api import ApproxMiddleware, Receive, Scope, Send, send_error
+from server.config import ServerConfig
+from server.engine_client import ApproxEngineClient
+from specapprox_vllm.draft_scheduler import DraftScheduler
+from specapprox_vllm.policies import load_method_defaults, make_approx_config
+
+MAX_BODY_BYTES = 32 * 1024 * 1024
+UNAUTHENTICATED_PATHS = ("/health",)
+
+
+class BearerAuthMiddleware:
+    """Bearer-token check with constant-time comparison, in OpenAI's error shape."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app = app
+        self.digest = hashlib.sha256(api_key.encode()).digest()
+
+    def _ok(self, scope: Scope) -> bool:
+        headers = dict(scope.get("headers", []))
+        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        given = hashlib.sha256(token.encode()).digest()
+        return scheme.lower() == "bearer" and secrets.compare_digest(given, self.digest)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("method") != "OPTIONS" and \
+                scope["path"] not in UNAUTHENTICATED_PATHS and not self._ok(scope):
+            await send_error(send, 401, "invalid or missing API key", "AuthenticationError",
+                             headers=[(b"www-authenticate", b"Bearer")])
+            return
+        await self.app(scope, receive, send)
+
+
+async def build_server_app(
+    cfg: ServerConfig, vllm_args: Any, target: Any, draft: Any | None = None
+) -> tuple[Any, ApproxEngineClient]:
+    """The ASGI app to serve (vLLM's FastAPI app wrapped in our middleware) and the engine
+    client it uses."""
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.app import build_app
+
+    method_defaults = load_method_defaults(cfg.approx.methods_dir)
+    default_cfg = make_approx_config(cfg.approx.default_method, None,
+                                     method_defaults.get(cfg.approx.default_method))
+    scheduler = DraftScheduler(draft)
+    from specapprox_vllm.serving import register_methods
+
+    register_methods(scheduler, target, draft)
+    scheduler.check_supported(cfg.approx.default_method)
+    client = ApproxEngineClient(target, scheduler, default_cfg, draft)
+
+    supported_tasks = await target.get_supported_tasks()
+    app = build_app(vllm_args, supported_tasks, target.model_config)
+    await init_app_state(client, app.state, vllm_args, supported_tasks)
+    app.state.specapprox_config = cfg
+    # vLLM's app has built its middleware stack by now, so ours wrap it from outside.
+    asgi: Any = ApproxMiddleware(app, scheduler=scheduler,
+                                 default_method=cfg.approx.default_method,
+                                 method_defaults=method_defaults, max_body_bytes=MAX_BODY_BYTES)
+    if cfg.server.api_key:
+        asgi = BearerAuthMiddleware(asgi, api_key=cfg.server.api_key)
+    return asgi, client

@@ -1,0 +1,170 @@
+"""Server configuration: one YAML file, overridable key by key from CLI flags and environment.
+
+Every leaf key of :class:`ServerConfig` has a dotted name (``target.max_model_len``) that
+becomes a flag (``--target.max_model_len 4096``) and an environment variable
+(``SPECAPPROX_TARGET__MAX_MODEL_LEN=4096``). Precedence: flag > environment > YAML > default.
+Invalid values fail at start-up with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "SPECAPPROX_"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = "models/SmolLM2-135M-Instruct"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, already phrased for the user (names the key)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EngineConfig(_Strict):
+    """Arguments of one vLLM engine (target or draft). Names follow vLLM's EngineArgs."""
+
+    model: str = DEFAULT_MODEL_DIR
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    max_model_len: int = Field(8192, ge=16)
+    kv_cache_memory_gib: float = Field(
+        1.0, gt=0, description="KV cache size of this engine (GiB); per engine, unlike "
+        "VLLM_CPU_KVCACHE_SPACE which both engines would share")
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=16)
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    enforce_eager: bool = True
+    seed: int = 0
+    tensor_parallel_size: int = Field(1, ge=1)
+    num_layers: int | None = Field(
+        None, ge=1, description="Draft only: keep the first k layers (hf_overrides)")
+
+
+class DraftConfig(EngineConfig):
+    enabled: Literal["auto", "always", "never"] = Field(
+        "auto", description="auto: start the draft engine when a method needs one")
+    kv_cache_memory_gib: float = Field(0.5, gt=0)
+
+
+class ServerSection(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = None
+    served_model_name: str = "SmolLM2-135M-Instruct"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class ApproxSection(_Strict):
+    default_method: str = "none"
+    methods_dir: str = "configs/methods"
+
+    @field_validator("default_method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from specapprox_vllm.policies.config import METHODS
+
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; expected one of {', '.join(METHODS)}")
+        return v
+
+
+class ServerConfig(_Strict):
+    server: ServerSection = ServerSection()
+    target: EngineConfig = EngineConfig()
+    draft: DraftConfig = DraftConfig()
+    approx: ApproxSection = ApproxSection()
+
+    def resolve_paths(self, base: Path) -> ServerConfig:
+        """Relative model and config paths are relative to the project root (``base``), so
+        the server can be started from any directory."""
+        for eng in (self.target, self.draft):
+            p = Path(eng.model)
+            if not p.is_absolute() and (base / p).exists():
+                eng.model = str((base / p).resolve())
+        p = Path(self.approx.methods_dir)
+        if not p.is_absolute():
+            self.approx.methods_dir = str((base / p).resolve())
+        return self
+
+
+def leaf_keys(model: type[BaseModel] = ServerConfig, prefix: str = "") -> dict[str, Any]:
+    """Dotted leaf key -> pydantic FieldInfo, for building flags and env names."""
+    out: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.update(leaf_keys(ann, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = field
+    return out
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.upper().replace(".", "__")
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = tree.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {p!r} must be a mapping")
+        tree = node
+    tree[last] = value
+
+
+def _parse_scalar(raw: str) -> Any:
+    """Flags and env values are strings; YAML scalars give ints, floats, bools, null."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        lines.append(f"config key '{key}': {e['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> ServerConfig:
+    """YAML file, then environment, then explicit overrides (dotted keys)."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {p} must contain a mapping at the top level")
+    environ = os.environ if environ is None else environ
+    keys = leaf_keys()
+    for key in keys:
+        if env_name(key) in environ:
+            _set(tree, key, _parse_scalar(environ[env_name(key)]))
+    for key, value in (overrides or {}).items():
+        if key not in keys:
+            raise ConfigError(f"unknown config key {key!r}")
+        _set(tree, key, value)
+    try:
+        cfg = ServerConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+    return cfg.resolve_paths(PROJECT_ROOT)

@@ -1,0 +1,93 @@
+"""An EngineClient for vLLM's own OpenAI serving code that inserts the draft-model scheduler.
+
+vLLM's ``OpenAIServingChat`` / ``OpenAIServingCompletion`` do the protocol (rendering chat
+templates, sampling-parameter validation, streaming, logprobs, errors); they call
+``engine_client.generate(engine_input, sampling_params, request_id, ...)``. We hand them this
+wrapper instead of the bare target ``AsyncLLM``: ``generate`` first asks the scheduler for a
+plan (which may shorten the prompt or prepare a compressed KV), then streams the target's
+outputs, restoring the user's original prompt so that ``usage.prompt_tokens`` stays the
+length of the prompt the user sent. Everything else is delegated to the target engine.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any
+
+from specapprox_vllm.draft_scheduler import ApproxStats, DraftScheduler
+from specapprox_vllm.policies import ApproxConfig
+
+
+@dataclass
+class RequestApprox:
+    """Per-HTTP-request state shared between the API middleware and ``generate``: the
+    validated settings, and the statistics of each engine request it caused."""
+
+    config: ApproxConfig
+    stats: list[ApproxStats] = field(default_factory=list)
+
+
+CURRENT_REQUEST: contextvars.ContextVar[RequestApprox | None] = contextvars.ContextVar(
+    "specapprox_request", default=None
+)
+
+
+class ApproxEngineClient:
+    """Target ``AsyncLLM`` + draft scheduler, with the ``EngineClient`` surface vLLM uses."""
+
+    def __init__(self, target: Any, scheduler: DraftScheduler, default_config: ApproxConfig,
+                 draft: Any | None = None) -> None:
+        self.target = target
+        self.draft = draft
+        self.scheduler = scheduler
+        self.default_config = default_config
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for attributes not defined here: model_config, renderer, abort, ...
+        return getattr(self.target, name)
+
+    @property
+    def engines(self) -> list[Any]:
+        return [e for e in (self.target, self.draft) if e is not None]
+
+    @property
+    def errored(self) -> bool:
+        return any(e.errored for e in self.engines)
+
+    async def check_health(self) -> None:
+        for engine in self.engines:
+            await engine.check_health()
+
+    async def generate(
+        self, prompt: Any, sampling_params: Any, request_id: str, **kwargs: Any
+    ) -> AsyncGenerator[Any, None]:
+        ctx = CURRENT_REQUEST.get()
+        cfg = ctx.config if ctx is not None else self.default_config
+        token_ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+        if token_ids is None:
+            # Not a token prompt (embeddings, multimodal): nothing to approximate.
+            async for out in self.target.generate(prompt, sampling_params, request_id,
+                                                  **kwargs):
+                yield out
+            return
+        plan = await self.scheduler.plan(list(token_ids), sampling_params, cfg, request_id)
+        if ctx is not None:
+            ctx.stats.append(plan.stats)
+        target_prompt = prompt
+        if plan.prompt_token_ids is not token_ids and plan.prompt_token_ids != token_ids:
+            target_prompt = {k: v for k, v in prompt.items()
+                             if k not in ("prompt", "prompt_token_offsets")}
+            target_prompt["prompt_token_ids"] = plan.prompt_token_ids
+        async for out in self.target.generate(target_prompt, sampling_params, request_id,
+                                              **kwargs):
+            if target_prompt is not prompt:
+                out.prompt_token_ids = list(token_ids)
+                if prompt.get("prompt") is not None:
+                    out.prompt = prompt["prompt"]
+            yield out
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        for engine in self.engines:
+            engine.shutdown()

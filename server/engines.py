@@ -1,0 +1,76 @@
+"""Turning our config into vLLM engine arguments, and starting/stopping the engines.
+
+The target's arguments go through vLLM's own server argument parser, so the resulting
+``Namespace`` also drives vLLM's OpenAI app (``build_app`` / ``init_app_state``) exactly as
+``vllm serve`` would; the draft engine is a second ``AsyncLLM`` in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from server.config import EngineConfig, ServerConfig
+
+log = logging.getLogger("specapprox.engines")
+GiB = 1 << 30
+
+
+def _engine_flags(e: EngineConfig) -> list[str]:
+    flags = [
+        "--model", e.model,
+        "--dtype", e.dtype,
+        "--max-model-len", str(e.max_model_len),
+        "--kv-cache-memory-bytes", str(int(e.kv_cache_memory_gib * GiB)),
+        "--max-num-seqs", str(e.max_num_seqs),
+        "--seed", str(e.seed),
+        "--tensor-parallel-size", str(e.tensor_parallel_size),
+        "--enable-prefix-caching" if e.enable_prefix_caching else "--no-enable-prefix-caching",
+        "--enable-chunked-prefill" if e.enable_chunked_prefill
+        else "--no-enable-chunked-prefill",
+    ]
+    if e.enforce_eager:
+        flags.append("--enforce-eager")
+    if e.max_num_batched_tokens is not None:
+        flags += ["--max-num-batched-tokens", str(e.max_num_batched_tokens)]
+    if e.num_layers is not None:
+        flags += ["--hf-overrides", f'{{"num_hidden_layers": {e.num_layers}}}']
+    return flags
+
+
+def vllm_server_args(cfg: ServerConfig) -> argparse.Namespace:
+    """The ``Namespace`` ``vllm serve`` would build for the target engine."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    flags = _engine_flags(cfg.target) + [
+        "--served-model-name", cfg.server.served_model_name,
+        "--host", cfg.server.host, "--port", str(cfg.server.port),
+        "--disable-uvicorn-access-log",
+    ]
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(flags)
+    validate_parsed_serve_args(args)
+    return args
+
+
+def draft_engine_args(cfg: ServerConfig) -> Any:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(_engine_flags(cfg.draft))
+    return AsyncEngineArgs.from_cli_args(args)
+
+
+def needs_draft(cfg: ServerConfig) -> bool:
+    if cfg.draft.enabled != "auto":
+        return cfg.draft.enabled == "always"
+    return cfg.approx.default_method not in ("none", "snapkv", "streamingllm")
+
+
+def start_engine(engine_args: Any, name: str) -> Any:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    log.info("starting %s engine (%s)", name, engine_args.model)
+    return AsyncLLM.from_engine_args(engine_args)

@@ -1,0 +1,101 @@
+"""The draft-model scheduler: the pipeline step between "request accepted" and "target engine
+generates".
+
+For every request it decides, from the request's validated ``approx`` settings, what the
+target engine is handed: the prompt as is (``none``, or a prompt already within budget), or
+an approximated request prepared with the draft engine's help (later methods). It returns a
+:class:`Plan` (the prompt and sampling parameters for the target, plus the statistics that end
+up in ``usage.approx``). It never generates the user's answer itself: the target engine does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from specapprox_vllm.policies import ApproxConfig
+
+
+class UnsupportedMethod(ValueError):
+    """The method is valid but this server cannot run it (e.g. no draft engine)."""
+
+
+@dataclass
+class ApproxStats:
+    """What ``usage.approx`` reports for one engine request (API.md, "Responses")."""
+
+    method: str
+    applied: bool
+    prompt_tokens_in: int
+    prompt_tokens_kept: int
+    kv_entries_kept: int | None = None
+    draft_tokens: int = 0
+    draft_ms: float = 0.0
+    select_ms: float = 0.0
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["reason"] is None:
+            del d["reason"]
+        return d
+
+
+@dataclass
+class Plan:
+    """What the target engine is asked to serve for one request."""
+
+    prompt_token_ids: list[int]
+    stats: ApproxStats
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _budget(cfg: ApproxConfig) -> int | None:
+    """The budget whose excess triggers approximation (prompt budget first: SpecPC acts first
+    in the cascade)."""
+    for key in ("prompt_budget", "kv_budget"):
+        value = getattr(cfg, key, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
+class DraftScheduler:
+    """Plans each request. Methods register here as they become available in the engine."""
+
+    def __init__(self, draft_engine: Any | None = None) -> None:
+        self.draft_engine = draft_engine
+        # Methods whose serving path exists. ``none`` needs nothing; the others are added by
+        # their integration modules (SpecPC: draft scoring, SpecKV: target KV compaction).
+        self._handlers: dict[str, Any] = {}
+
+    @property
+    def supported_methods(self) -> tuple[str, ...]:
+        return ("none", *self._handlers)
+
+    def add_handler(self, method: str, handler: Any) -> None:
+        self._handlers[method] = handler
+
+    def check_supported(self, method: str) -> None:
+        if method not in self.supported_methods:
+            raise UnsupportedMethod(
+                f"approx method {method!r} is not available on this server "
+                f"(available: {', '.join(self.supported_methods)})"
+            )
+
+    async def plan(
+        self, prompt_token_ids: list[int], sampling_params: Any, cfg: ApproxConfig,
+        request_id: str,
+    ) -> Plan:
+        n = len(prompt_token_ids)
+        if cfg.method == "none":
+            return Plan(prompt_token_ids, ApproxStats("none", False, n, n))
+        self.check_supported(cfg.method)
+        budget = _budget(cfg)
+        if budget is not None and n <= budget:
+            return Plan(
+                prompt_token_ids,
+                ApproxStats(cfg.method, False, n, n, reason="prompt_within_budget"),
+            )
+        return await self._handlers[cfg.method](prompt_token_ids, sampling_params, cfg,
+                                                 request_id)
