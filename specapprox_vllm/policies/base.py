@@ -176,6 +176,11 @@ class Policy:
         """Whether a prompt of this length is approximated at all (``L > budget``)."""
         return False
 
+    def prompt_applies(self, prompt_len: int) -> bool:
+        """Whether :meth:`select_prompt` will compress a prompt of this length, i.e. whether
+        the draft run must record attention for it."""
+        return False
+
     def draft_tokens(self, max_tokens: int | None) -> int:
         """How many tokens the draft must generate for a request with ``max_tokens``."""
         return 0

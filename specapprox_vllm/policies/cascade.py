@@ -34,6 +34,9 @@ class SpecKVPCPolicy(Policy):
     def applies(self, prompt_len: int) -> bool:
         return prompt_len > self.cfg.kv_budget
 
+    def prompt_applies(self, prompt_len: int) -> bool:
+        return prompt_len > self.cfg.prompt_budget and prompt_len >= self.cfg.pc_window
+
     def draft_tokens(self, max_tokens: int | None) -> int:
         return self.cfg.lookahead
 

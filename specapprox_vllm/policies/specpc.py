@@ -147,6 +147,9 @@ class SpecPCPolicy(Policy):
     def applies(self, prompt_len: int) -> bool:
         return prompt_len > self.cfg.prompt_budget and prompt_len >= self.cfg.window
 
+    def prompt_applies(self, prompt_len: int) -> bool:
+        return self.applies(prompt_len)
+
     def draft_tokens(self, max_tokens: int | None) -> int:
         return self.cfg.lookahead
 
