@@ -69,12 +69,13 @@ def window_probs(q_window: Tensor, keys: Tensor, scale: float | None = None) -> 
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     q = q_window.permute(1, 0, 2).reshape(h_kv, g * wq, d)  # [H_kv, G*Wq, D]
     k = keys.permute(1, 2, 0).to(q.dtype)  # [H_kv, D, S]
-    logits = torch.matmul(q, k).view(h_kv, g, wq, s) * scale
-    # Query i (position s - wq + i) may see keys j <= s - wq + i.
-    qpos = torch.arange(s - wq, s, device=keys.device)
-    kpos = torch.arange(s, device=keys.device)
-    future = kpos[None, :] > qpos[:, None]  # [Wq, S]
-    logits = logits.masked_fill(future, float("-inf"))
+    # In place on the fresh matmul output: at 64k keys every extra full-size copy costs
+    # about as much as the softmax itself.
+    logits = torch.matmul(q, k).view(h_kv, g, wq, s).mul_(scale)
+    # Query i (position s - wq + i) may see keys j <= s - wq + i: only the last Wq columns
+    # can be in its future, so the mask is Wq x Wq.
+    future = torch.ones(wq, wq, dtype=torch.bool, device=keys.device).triu_(1)
+    logits[..., s - wq :].masked_fill_(future, float("-inf"))
     return torch.softmax(logits, dim=-1, dtype=torch.float32).view(h_q, wq, s)
 
 
