@@ -288,3 +288,15 @@ def test_smollm2_needle_speckv_beats_streamingllm(smol) -> None:
     stream = ref.generate(case.prompt_ids, "streamingllm", {"kv_budget": 256}, 24)
     stream_text = tok.decode(stream.tokens)
     assert not case.is_correct(stream_text), f"StreamingLLM found the needle: {stream_text!r}"
+
+
+def test_needle_cases_are_deterministic() -> None:
+    a = make_needle_case(None, context_tokens=600, seed=3, depth=0.25)
+    b = make_needle_case(None, context_tokens=600, seed=3, depth=0.25)
+    c = make_needle_case(None, context_tokens=600, seed=4, depth=0.25)
+    assert a == b and a.messages != c.messages
+    content = a.messages[0]["content"]
+    assert f"is {a.answer}." in content and a.key in content.split("Question:")[1]
+    assert 0.15 < a.needle_char / len(content) < 0.35  # needle near the requested depth
+    assert a.is_correct(f"The number is {a.answer[:3]},{a.answer[3:]}.")
+    assert not a.is_correct("The number is 12.")
