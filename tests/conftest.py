@@ -1,0 +1,54 @@
+"""Shared fixtures: the embedded model, tiny random models, and a real server process.
+
+Tests that need the embedded SmolLM2 skip when it is missing, unless
+``SPECAPPROX_REQUIRE_MODEL=1`` (set by ``scripts/test.sh`` and CI), where they fail instead:
+CI must never pass by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOLLM2_DIR = ROOT / "models" / "SmolLM2-135M-Instruct"
+
+
+def require_model() -> Path:
+    if (SMOLLM2_DIR / "config.json").is_file():
+        return SMOLLM2_DIR
+    msg = f"embedded model missing at {SMOLLM2_DIR} (run scripts/setup.sh)"
+    if os.environ.get("SPECAPPROX_REQUIRE_MODEL") == "1":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    return require_model()
+
+
+def make_tiny_llama(out: Path, tokenizer_dir: Path, layers: int = 2, seed: int = 0) -> Path:
+    """A random fp32 Llama with SmolLM2's tokenizer, saved as an HF folder vLLM can load."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_dir)

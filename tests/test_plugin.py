@@ -1,0 +1,45 @@
+"""The vLLM plugin entry point, its version pin, and the vLLM patch points we depend on."""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+
+import pytest
+
+import specapprox_vllm
+from specapprox_vllm import vllm_compat
+
+
+def test_entry_point_is_registered_for_vllm() -> None:
+    eps = {ep.name: ep for ep in entry_points(group="vllm.general_plugins")}
+    assert eps["specapprox"].value == "specapprox_vllm:register"
+    assert eps["specapprox"].load() is specapprox_vllm.register
+
+
+def test_vllm_loads_our_plugin() -> None:
+    from vllm.plugins import load_plugins_by_group
+
+    plugins = load_plugins_by_group("vllm.general_plugins")
+    assert plugins["specapprox"] is specapprox_vllm.register
+
+
+def test_register_is_idempotent() -> None:
+    specapprox_vllm.register()
+    specapprox_vllm.register()
+
+
+@pytest.mark.parametrize("version", ["0.31.2", "0.33.0", "1.0.0"])
+def test_other_vllm_versions_fail_loudly(version: str) -> None:
+    with pytest.raises(vllm_compat.UnsupportedVLLMVersion, match=version):
+        vllm_compat.check_vllm_version(version)
+
+
+def test_installed_vllm_is_supported() -> None:
+    vllm_compat.check_vllm_version()
+    assert vllm_compat.vllm_version().startswith("0.32.")
+
+
+@pytest.mark.parametrize(("module", "attr"), vllm_compat.PATCH_POINTS)
+def test_patch_points_exist(module: str, attr: str) -> None:
+    assert hasattr(importlib.import_module(module), attr), f"{module}.{attr} is gone"
