@@ -14,6 +14,7 @@ from typing import Any
 from server.approx_api import ApproxMiddleware, Receive, Scope, Send, send_error
 from server.config import ServerConfig
 from server.engine_client import ApproxEngineClient
+from server.metrics import instrument
 from specapprox_vllm.draft_scheduler import DraftScheduler
 from specapprox_vllm.policies import load_method_defaults, make_approx_config
 
@@ -71,4 +72,6 @@ async def build_server_app(
                                  method_defaults=method_defaults, max_body_bytes=MAX_BODY_BYTES)
     if cfg.server.api_key:
         asgi = BearerAuthMiddleware(asgi, api_key=cfg.server.api_key)
+    # Outermost, so that rejected (401, 400, 413) requests are counted too.
+    asgi = instrument(asgi, {"target": target, "draft": draft})
     return asgi, client

@@ -22,6 +22,10 @@ from specapprox_vllm.policies import make_approx_config
 
 APPROX_PATHS = ("/v1/chat/completions", "/v1/completions")
 XARGS_PREFIX = "approx_"
+# Left in the ASGI scope for outer observers (server/metrics.py): the method a request asked
+# for ("invalid" when its approx settings were rejected), and its RequestApprox.
+METHOD_SCOPE_KEY = "specapprox.method"
+APPROX_SCOPE_KEY = "specapprox.approx"
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -132,15 +136,18 @@ class ApproxMiddleware:
         except (UnicodeDecodeError, json.JSONDecodeError):
             body = None  # vLLM answers malformed JSON itself
         ctx = None
+        scope[METHOD_SCOPE_KEY] = "invalid"
         if isinstance(body, dict):
             try:
                 cfg = parse_approx(body, self.default_method, self.method_defaults)
+                scope[METHOD_SCOPE_KEY] = cfg.method
                 self.scheduler.check_supported(cfg.method)
             except (ApproxRequestError, ValueError) as e:
                 await send_error(send, HTTPStatus.BAD_REQUEST, str(e),
                                  param=getattr(e, "param", "approx.method"))
                 return
             ctx = RequestApprox(cfg)
+            scope[APPROX_SCOPE_KEY] = ctx
             raw = json.dumps(body, separators=(",", ":")).encode()
         token = CURRENT_REQUEST.set(ctx)
         try:
