@@ -141,10 +141,16 @@ class ApproxMiddleware:
             try:
                 cfg = parse_approx(body, self.default_method, self.method_defaults)
                 scope[METHOD_SCOPE_KEY] = cfg.method
-                self.scheduler.check_supported(cfg.method)
-            except (ApproxRequestError, ValueError) as e:
-                await send_error(send, HTTPStatus.BAD_REQUEST, str(e),
-                                 param=getattr(e, "param", "approx.method"))
+                self.scheduler.check(cfg)
+            except ApproxRequestError as e:
+                await send_error(send, HTTPStatus.BAD_REQUEST, str(e), param=e.param)
+                return
+            except ValueError as e:  # the scheduler's checks: "<field>: <message>"
+                field = str(e).split(":", 1)[0] if ":" in str(e) else "method"
+                if " " in field:
+                    field = "method"
+                await send_error(send, HTTPStatus.BAD_REQUEST, f"approx.{e}",
+                                 param=f"approx.{field}")
                 return
             ctx = RequestApprox(cfg)
             scope[APPROX_SCOPE_KEY] = ctx

@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"specapprox-serve: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     os.chdir(Path(PROJECT_ROOT))
+    # vLLM's CPU workers reserve one core for the front end by default, which on a 2-core
+    # machine pins every engine's worker to core 0. Our engines take turns (draft, then
+    # target), so let each use all cores unless the operator says otherwise.
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     asyncio.run(serve(cfg))
 
 

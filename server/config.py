@@ -49,8 +49,8 @@ class EngineConfig(_Strict):
 
 
 class DraftConfig(EngineConfig):
-    enabled: Literal["auto", "always", "never"] = Field(
-        "auto", description="auto: start the draft engine when a method needs one")
+    enabled: bool = Field(True, description="start the draft engine (needed by specpc, "
+                          "speckv, speckv_pc; the server offers only what it can run)")
     kv_cache_memory_gib: float = Field(0.5, gt=0)
 
 

@@ -15,6 +15,7 @@ from server.config import EngineConfig, ServerConfig
 
 log = logging.getLogger("specapprox.engines")
 GiB = 1 << 30
+WORKER_EXTENSION = "specapprox_vllm.worker_ext.SpecApproxWorkerExtension"
 
 
 def _engine_flags(e: EngineConfig) -> list[str]:
@@ -29,6 +30,7 @@ def _engine_flags(e: EngineConfig) -> list[str]:
         "--enable-prefix-caching" if e.enable_prefix_caching else "--no-enable-prefix-caching",
         "--enable-chunked-prefill" if e.enable_chunked_prefill
         else "--no-enable-chunked-prefill",
+        "--worker-extension-cls", WORKER_EXTENSION,
     ]
     if e.enforce_eager:
         flags.append("--enforce-eager")
@@ -64,9 +66,7 @@ def draft_engine_args(cfg: ServerConfig) -> Any:
 
 
 def needs_draft(cfg: ServerConfig) -> bool:
-    if cfg.draft.enabled != "auto":
-        return cfg.draft.enabled == "always"
-    return cfg.approx.default_method not in ("none", "snapkv", "streamingllm")
+    return cfg.draft.enabled
 
 
 def start_engine(engine_args: Any, name: str) -> Any:

@@ -79,9 +79,17 @@ class DraftScheduler:
     def check_supported(self, method: str) -> None:
         if method not in self.supported_methods:
             raise UnsupportedMethod(
-                f"approx method {method!r} is not available on this server "
+                f"method: {method!r} is not available on this server "
                 f"(available: {', '.join(self.supported_methods)})"
             )
+
+    def check(self, cfg: ApproxConfig) -> None:
+        """Reject, before any work, what this server cannot run (a ``ValueError`` whose
+        message starts with the offending field)."""
+        self.check_supported(cfg.method)
+        validate = getattr(self._handlers.get(cfg.method), "validate", None)
+        if validate is not None:
+            validate(cfg)
 
     async def plan(
         self, prompt_token_ids: list[int], sampling_params: Any, cfg: ApproxConfig,

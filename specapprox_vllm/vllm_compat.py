@@ -19,7 +19,19 @@ PATCH_POINTS: tuple[tuple[str, str], ...] = (
     ("vllm.v1.engine.async_llm", "AsyncLLM"),
     ("vllm.engine.arg_utils", "AsyncEngineArgs"),
     ("vllm.engine.protocol", "EngineClient"),
+    # SpecPC draft capture
+    ("vllm.v1.attention.backends.registry", "register_backend"),
+    ("vllm.v1.attention.backends.registry", "AttentionBackendEnum"),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackend"),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"),
 )
+
+# Signatures we wrap; a change here must fail the compat tests, not corrupt outputs.
+IMPL_FORWARD_PARAMS = ("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata",
+                       "output")
+PREPARE_INPUTS_PARAMS = ("self", "scheduler_output", "num_scheduled_tokens")
+CPU_BACKEND_PATH = "specapprox_vllm.cpu_backend.CaptureCPUBackend"
 
 
 class UnsupportedVLLMVersion(RuntimeError):
@@ -43,8 +55,71 @@ def check_vllm_version(version: str | None = None) -> None:
 
 
 def install_hooks() -> None:
-    """Install the engine-side hooks (attention-backend override etc.).
+    """Install the engine-side hooks. Called from :func:`specapprox_vllm.register` in every
+    vLLM process: idempotent and import-light (the registry module imports no model code).
 
-    Called from :func:`specapprox_vllm.register` in every vLLM process; must stay idempotent
-    and import-light. No hook is needed for ``none``; the approximation methods add theirs.
+    The CPU_ATTN override is resolved lazily by vLLM, in the worker, when the model's
+    attention layers are built; it does work only for requests flagged for capture.
     """
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND_PATH)
+
+
+_RUNNER_PATCHED = False
+
+
+def patch_model_runner() -> None:
+    """Wrap the V1 model runner's ``_prepare_inputs`` to publish which batch rows belong to
+    capture-flagged requests (attention metadata has no request ids).
+
+    V1 runner only: on CUDA, vLLM 0.32 defaults to Model Runner V2, which needs the same
+    publication from its ``prepare_attn`` (docs/design.md); the CPU build always runs V1.
+    Called from the capture backend's impl constructor, i.e. in worker processes only.
+    """
+    global _RUNNER_PATCHED
+    if _RUNNER_PATCHED:
+        return
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from specapprox_vllm.capture import publish_step
+
+    original = GPUModelRunner._prepare_inputs
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):  # type: ignore[no-untyped-def]
+        out = original(self, scheduler_output, num_scheduled_tokens)
+        num_reqs = self.input_batch.num_reqs
+        publish_step(list(self.input_batch.req_ids[:num_reqs]), self.requests)
+        return out
+
+    GPUModelRunner._prepare_inputs = _prepare_inputs
+    _RUNNER_PATCHED = True
+
+
+def make_capture_cpu_backend() -> type:
+    """CPU_ATTN with a post-attention capture hook (see :mod:`specapprox_vllm.capture`)."""
+    from vllm.v1.attention.backends.cpu_attn import (
+        CPUAttentionBackend,
+        CPUAttentionBackendImpl,
+    )
+
+    from specapprox_vllm.capture import capture_layer
+
+    class CaptureCPUImpl(CPUAttentionBackendImpl):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, **kwargs)
+            patch_model_runner()
+
+        def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,  # type: ignore[no-untyped-def]
+                    *args, **kwargs):
+            out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                  *args, **kwargs)
+            capture_layer(self, layer, query, kv_cache, attn_metadata)
+            return out
+
+    class CaptureCPUBackend(CPUAttentionBackend):
+        @staticmethod
+        def get_impl_cls() -> type:
+            return CaptureCPUImpl
+
+    return CaptureCPUBackend

@@ -43,3 +43,27 @@ def test_installed_vllm_is_supported() -> None:
 @pytest.mark.parametrize(("module", "attr"), vllm_compat.PATCH_POINTS)
 def test_patch_points_exist(module: str, attr: str) -> None:
     assert hasattr(importlib.import_module(module), attr), f"{module}.{attr} is gone"
+
+
+def test_wrapped_signatures_are_unchanged() -> None:
+    """The capture backend and runner wrapper assume these parameter lists."""
+    import inspect
+
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    fwd = tuple(inspect.signature(CPUAttentionBackendImpl.forward).parameters)
+    assert fwd[: len(vllm_compat.IMPL_FORWARD_PARAMS)] == vllm_compat.IMPL_FORWARD_PARAMS
+    prep = tuple(inspect.signature(GPUModelRunner._prepare_inputs).parameters)
+    assert prep == vllm_compat.PREPARE_INPUTS_PARAMS
+
+
+def test_capture_backend_overrides_cpu_attn() -> None:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from specapprox_vllm.cpu_backend import CaptureCPUBackend
+
+    specapprox_vllm.register()
+    assert AttentionBackendEnum.CPU_ATTN.get_path() == vllm_compat.CPU_BACKEND_PATH
+    assert AttentionBackendEnum.CPU_ATTN.get_class() is CaptureCPUBackend
+    assert CaptureCPUBackend.get_impl_cls().__name__ == "CaptureCPUImpl"

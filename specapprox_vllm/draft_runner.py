@@ -1,0 +1,93 @@
+"""Runs draft requests on the draft ``AsyncLLM`` and collects what the workers captured.
+
+A scored draft request is an ordinary vLLM request (batched, chunked, prefix-cached like any
+other) whose ``extra_args`` ask the capture backend for SpecPC token scores; after it
+finishes, the scores are pulled from every worker with ``collective_rpc`` and combined (each
+tensor-parallel rank saw only its own heads; the reduction is a max, so ranks combine by max).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from specapprox_vllm.capture import EXTRA_KEY, CaptureSpec
+
+
+class DraftError(RuntimeError):
+    pass
+
+
+@dataclass
+class DraftResult:
+    tokens: list[int]
+    score: torch.Tensor | None  # [L] SpecPC token scores (float32), when requested
+    ms: float
+    capture_ms: float = 0.0
+    retried_without_prefix_cache: bool = False
+
+
+class DraftRunner:
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.engine.model_config.hf_config.num_hidden_layers)
+
+    async def _generate(self, prompt_ids: list[int], max_tokens: int, request_id: str,
+                        extra_args: dict[str, Any] | None = None,
+                        skip_reading_prefix_cache: bool = False) -> list[int]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, extra_args=extra_args,
+                                skip_reading_prefix_cache=skip_reading_prefix_cache,
+                                detokenize=False)
+        final = None
+        async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, params,
+                                              request_id):
+            final = out
+        if final is None or not final.outputs:
+            raise DraftError(f"draft request {request_id} produced no output")
+        return list(final.outputs[0].token_ids)
+
+    async def _pop(self, key: str) -> list[dict[str, Any]]:
+        results = await self.engine.collective_rpc("specapprox_pop_captures", args=([key],))
+        return [r[key] for r in results if r and key in r]
+
+    async def score_prompt(self, prompt_ids: list[int], *, window: int, lookahead: int,
+                           start_layer: int, weighted_query: bool,
+                           request_id: str) -> DraftResult:
+        """Draft ``lookahead`` greedy tokens from ``prompt_ids`` and return SpecPC scores."""
+        t0 = time.perf_counter()
+        retried = False
+        for skip_cache in (False, True):
+            key = uuid.uuid4().hex
+            spec = CaptureSpec(key=key, prompt_len=len(prompt_ids), window=window,
+                               lookahead=lookahead, start_layer=start_layer,
+                               weighted_query=weighted_query)
+            tokens = await self._generate(prompt_ids, lookahead, f"{request_id}-draft-{key}",
+                                          {EXTRA_KEY: asdict(spec)}, skip_cache)
+            parts = await self._pop(key)
+            if not parts:
+                raise DraftError("the draft engine captured no attention scores (is the "
+                                 "specapprox plugin loaded in its workers?)")
+            if all(p["complete"] for p in parts):
+                score = torch.stack([torch.tensor(p["score"]) for p in parts]).amax(dim=0)
+                return DraftResult(tokens, score, 1e3 * (time.perf_counter() - t0),
+                                   sum(p["ms"] for p in parts), retried)
+            # Window queries were served from the prefix cache and never computed.
+            retried = True
+        raise DraftError("draft capture incomplete even without prefix caching")
+
+    async def generate(self, prompt_ids: list[int], max_tokens: int,
+                       request_id: str) -> DraftResult:
+        """Plain greedy draft tokens (SpecKV's lookahead), no capture."""
+        t0 = time.perf_counter()
+        tokens = await self._generate(prompt_ids, max_tokens,
+                                      f"{request_id}-draft-{uuid.uuid4().hex}")
+        return DraftResult(tokens, None, 1e3 * (time.perf_counter() - t0))

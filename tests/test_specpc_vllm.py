@@ -1,0 +1,97 @@
+"""SpecPC inside vLLM: draft scores captured by the plugin's attention backend in a real
+draft engine, against the HF referee (same model, fp32), with chunked prefill forced to split
+the prompt and with prefix-cache hits (partial, and total, which forces a re-run)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specapprox_vllm.eval.needle import make_needle_case
+from specapprox_vllm.policies import specpc_select
+from tests.conftest import require_model
+
+pytestmark = pytest.mark.server
+WINDOW, START_LAYER, BUDGET, KERNEL, NEIGHBORS = 64, 8, 512, 32, 32
+CHUNK = 256  # max_num_batched_tokens: every prompt below is split into several chunks
+
+
+@pytest.fixture(scope="module")
+def referee():
+    from referee import Referee
+
+    return Referee(str(require_model()), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(require_model())
+
+
+def _engine():
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from server.engines import WORKER_EXTENSION
+
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(
+        model=str(require_model()), dtype="float32", max_model_len=4096, enforce_eager=True,
+        kv_cache_memory_bytes=1 << 30, max_num_batched_tokens=CHUNK, enable_prefix_caching=True,
+        enable_chunked_prefill=True, worker_extension_cls=WORKER_EXTENSION, seed=0))
+
+
+def _check(result, ref_tokens, ref_score) -> None:
+    assert result.tokens == ref_tokens
+    got = result.score
+    assert got.shape == ref_score.shape
+    rel = ((got - ref_score).abs() / ref_score.abs().clamp_min(1e-6))
+    big = ref_score > 1e-4 * ref_score.max()  # relative error is meaningless near zero
+    assert rel[big].max().item() < 1e-3, rel[big].max().item()
+    assert (got - ref_score).abs().max().item() < 1e-3 * ref_score.max().item()
+    ours = specpc_select(got, BUDGET, WINDOW, KERNEL, NEIGHBORS)
+    theirs = specpc_select(ref_score, BUDGET, WINDOW, KERNEL, NEIGHBORS)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.timeout(1500)
+async def test_draft_scores_inside_vllm_equal_the_referee(referee, tokenizer) -> None:
+    from specapprox_vllm.draft_runner import DraftRunner
+
+    engine = _engine()
+    runner = DraftRunner(engine)
+    try:
+        cases = [make_needle_case(tokenizer, n, seed=s, depth=d)
+                 for n, s, d in ((600, 1, 0.3), (1500, 2, 0.6), (2900, 3, 0.5))]
+        for case, lookahead in zip(cases, (1, 4, 2), strict=True):
+            ids = case.prompt_ids
+            res = await runner.score_prompt(ids, window=WINDOW, lookahead=lookahead,
+                                            start_layer=START_LAYER, weighted_query=True,
+                                            request_id=f"t{len(ids)}")
+            assert not res.retried_without_prefix_cache
+            tokens, ref = referee.run_draft(ids, lookahead, WINDOW, START_LAYER, True)
+            _check(res, tokens, ref)
+
+        # Partial prefix-cache hit: same haystack, another question. The cached blocks'
+        # keys are read from the paged cache; the window rows are computed.
+        base = cases[2].prompt_ids
+        tail = tokenizer.encode(" What colour is the sky? Answer briefly.",
+                                add_special_tokens=False)
+        ids = base[:-80] + tail + base[-80:]
+        res = await runner.score_prompt(ids, window=WINDOW, lookahead=2,
+                                        start_layer=START_LAYER, weighted_query=True,
+                                        request_id="hit")
+        assert not res.retried_without_prefix_cache
+        tokens, ref = referee.run_draft(ids, 2, WINDOW, START_LAYER, True)
+        _check(res, tokens, ref)
+
+        # Total hit (the same prompt again): window rows come from the cache, so the capture
+        # is incomplete and the runner re-runs the draft without reading the cache.
+        res = await runner.score_prompt(ids, window=WINDOW, lookahead=2,
+                                        start_layer=START_LAYER, weighted_query=True,
+                                        request_id="repeat")
+        assert res.retried_without_prefix_cache
+        _check(res, tokens, ref)
+    finally:
+        engine.shutdown()
