@@ -219,3 +219,44 @@ def test_dataset_loading(tmp_path: Path) -> None:
     path.write_text('{"text": "x"}\n')
     with pytest.raises(ValueError, match="needs a 'prompt'"):
         load_dataset(path, 1, 7, 0, shuffle=False)
+
+
+async def test_arrivals_are_poisson_and_concurrency_is_capped(monkeypatch) -> None:
+    """Inter-arrival sleeps are the seeded exponential draws (a Poisson process at the given
+    rate), and never more than ``max_concurrency`` requests are in flight."""
+    import asyncio
+
+    import httpx
+
+    from specapprox_vllm.loadtest.client import RunConfig, run_setting
+    from specapprox_vllm.loadtest.prompts import Prompt
+
+    state = {"now": 0, "peak": 0}
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        state["now"] += 1
+        state["peak"] = max(state["peak"], state["now"])
+        await real_sleep(0.01)
+        state["now"] -= 1
+        usage = {"prompt_tokens": 3, "completion_tokens": 1}
+        body = f"data: {json.dumps({'choices': [{'delta': {'content': 'x'}}]})}\n\n" \
+               f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n"
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    real_sleep = asyncio.sleep
+    slept: list[float] = []
+
+    async def fake_sleep(delay: float) -> None:
+        slept.append(delay)
+        await real_sleep(0)
+
+    monkeypatch.setattr(lt_client.asyncio, "sleep", fake_sleep)
+    prompts = [Prompt(text="p", messages=None, output_len=1) for _ in range(12)]
+    cfg = RunConfig(root_url="http://127.0.0.1:1", backend="chat", model="m",
+                    max_concurrency=3, request_rate=4.0, seed=9)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        records, _ = await run_setting(client, cfg, prompts, "s", {"method": "none"})
+    rng = random.Random(9)
+    assert slept == [rng.expovariate(4.0) for _ in range(11)]
+    assert state["peak"] == 3 and all(r.success for r in records)
+    assert [r.completion_tokens for r in records] == [1] * 12

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.approx_api import ApproxMiddleware
 from server.engine_client import CURRENT_REQUEST
-from server.metrics import IN_FLIGHT, MetricsMiddleware, attach_engine_observers
+from server.metrics import MetricsMiddleware, attach_engine_observers
 from specapprox_vllm.draft_scheduler import ApproxStats, DraftScheduler
 from specapprox_vllm.policies import METHODS, load_method_defaults
 from tests.conftest import ROOT
@@ -106,7 +106,7 @@ def test_middleware_counts_requests_and_usage_approx() -> None:
     assert value("specapprox_engine_requests_total", method="speckv", applied="true") \
         - applied == 2
     assert seen == [1.0, 1.0, 1.0]  # in flight while being served ...
-    assert IN_FLIGHT.labels("chat")._value.get() == 0  # ... and back to 0 after
+    assert value("specapprox_requests_in_flight", endpoint="chat") == 0  # ... and 0 after
 
 
 def test_engine_observer_mirrors_scheduler_stats() -> None:
