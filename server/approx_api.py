@@ -80,8 +80,13 @@ def parse_approx(body: dict[str, Any], default_method: str,
         return make_approx_config(method, merged, method_defaults.get(method))
     except ValidationError as e:
         first = e.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"]) or "approx"
-        raise ApproxRequestError(f"approx.{loc}: {first['msg']}", f"approx.{loc}") from None
+        msg = first["msg"].removeprefix("Value error, ")
+        loc = ".".join(str(p) for p in first["loc"])
+        if not loc:  # a cross-field check: its message starts with the field it is about
+            word = msg.split(" ", 1)[0]
+            loc = word if word in merged or word in method_defaults.get(method, {}) else ""
+        param = f"approx.{loc}" if loc else "approx"
+        raise ApproxRequestError(f"{param}: {msg}", param) from None
     except ValueError as e:
         field = str(e).split(":", 1)[0] if ":" in str(e) else "method"
         raise ApproxRequestError(f"approx.{e}", f"approx.{field}") from None

@@ -61,11 +61,12 @@ async def serve(cfg) -> None:
     vllm_args = vllm_server_args(cfg)
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    target = start_engine(AsyncEngineArgs.from_cli_args(vllm_args), "target")
-    draft = None
+    # The draft starts first: each engine's Prometheus logger resets vLLM's `vllm:*` series
+    # when it is created, and those series should describe the target.
+    draft = start_engine(draft_engine_args(cfg), "draft") if needs_draft(cfg) else None
+    target = None
     try:
-        if needs_draft(cfg):
-            draft = start_engine(draft_engine_args(cfg), "draft")
+        target = start_engine(AsyncEngineArgs.from_cli_args(vllm_args), "target")
         app, client = await build_server_app(cfg, vllm_args, target, draft)
         config = uvicorn.Config(app, host=cfg.server.host, port=cfg.server.port,
                                 log_level=cfg.server.log_level, access_log=False,

@@ -25,6 +25,9 @@ PATCH_POINTS: tuple[tuple[str, str], ...] = (
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackend"),
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"),
+    # per-engine metrics (server/metrics.py): stat loggers and scheduler stats
+    ("vllm.v1.metrics.loggers", "StatLoggerManager"),
+    ("vllm.v1.metrics.stats", "SchedulerStats"),
 )
 
 # Signatures we wrap; a change here must fail the compat tests, not corrupt outputs.

@@ -35,7 +35,7 @@ class ServerProcess:
         self.log_path = log_path or Path(f"/tmp/specapprox-server-{self.port}.log")
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 300.0) -> ServerProcess:
+    def start(self, timeout: float = 600.0) -> ServerProcess:
         log = self.log_path.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", *self.args], cwd=ROOT, env=self.env,

@@ -110,7 +110,7 @@ def test_default_method_applies_when_no_approx_is_given() -> None:
     ({"method": "bogus"}, "approx.method"),
     ({"method": "specpc", "prompt_budget": 0}, "approx.prompt_budget"),
     ({"method": "speckv", "kv_budget": "lots"}, "approx.kv_budget"),
-    ({"method": "speckv", "kv_budget": 16, "window": 32}, "approx"),
+    ({"method": "speckv", "kv_budget": 16, "window": 32}, "approx.kv_budget"),
     ({"method": "speckv", "typo_key": 1}, "approx.typo_key"),
     ({"method": 3}, "approx.method"),
     ("speckv", "approx"),

@@ -67,3 +67,13 @@ def test_capture_backend_overrides_cpu_attn() -> None:
     assert AttentionBackendEnum.CPU_ATTN.get_path() == vllm_compat.CPU_BACKEND_PATH
     assert AttentionBackendEnum.CPU_ATTN.get_class() is CaptureCPUBackend
     assert CaptureCPUBackend.get_impl_cls().__name__ == "CaptureCPUImpl"
+
+
+def test_scheduler_stats_fields_used_by_metrics() -> None:
+    import dataclasses
+
+    from vllm.v1.metrics.stats import SchedulerStats
+
+    names = {f.name for f in dataclasses.fields(SchedulerStats)}
+    assert {"num_running_reqs", "num_waiting_reqs", "num_skipped_waiting_reqs",
+            "kv_cache_usage"} <= names
