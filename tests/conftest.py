@@ -30,6 +30,19 @@ def smollm2_dir() -> Path:
     return require_model()
 
 
+@pytest.fixture(scope="session")
+def live_server():
+    """One real ``specapprox-serve`` (default config: SmolLM2 target and draft) shared by every
+    module that talks HTTP to it; a start costs over a minute here. Tests that use it measure
+    deltas, never absolute counters, since other modules use the same server."""
+    from tests.server_utils import ServerProcess
+
+    require_model()
+    srv = ServerProcess().start()
+    yield srv
+    srv.stop()
+
+
 def make_tiny_llama(out: Path, tokenizer_dir: Path, layers: int = 2, seed: int = 0) -> Path:
     """A random fp32 Llama with SmolLM2's tokenizer, saved as an HF folder vLLM can load."""
     import torch

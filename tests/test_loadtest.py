@@ -18,7 +18,6 @@ import pytest
 from specapprox_vllm.loadtest.prompts import LocalTokenizer, synthetic_prompts
 from specapprox_vllm.policies import METHODS
 from tests.conftest import ROOT, SMOLLM2_DIR
-from tests.live_server import live_server  # noqa: F401  (session fixture)
 from tests.server_utils import ServerProcess
 
 pytestmark = [pytest.mark.server, pytest.mark.model]
@@ -41,7 +40,7 @@ def rejected_setting(base_url: str) -> str:
 
 @pytest.mark.timeout(900)
 def test_loadtest_cli_reports_successes_failures_and_writes_files(
-        live_server: ServerProcess, tmp_path: Path) -> None:  # noqa: F811
+        live_server: ServerProcess, tmp_path: Path) -> None:
     exe = Path(sys.executable).parent / "specapprox-loadtest"
     assert exe.is_file(), "console script missing: pip install -e . (scripts/setup.sh)"
     bad = rejected_setting(live_server.base_url)
@@ -94,7 +93,7 @@ def test_loadtest_cli_reports_successes_failures_and_writes_files(
 
 
 @pytest.mark.timeout(900)
-def test_synthetic_prompt_lengths_agree_with_the_server(live_server: ServerProcess) -> None:  # noqa: F811
+def test_synthetic_prompt_lengths_agree_with_the_server(live_server: ServerProcess) -> None:
     tok = LocalTokenizer(str(SMOLLM2_DIR))
     prompts = asyncio.run(synthetic_prompts(tok, 3, 300, 8, seed=5, run_tag="t0"))
     for p in prompts:
@@ -105,7 +104,7 @@ def test_synthetic_prompt_lengths_agree_with_the_server(live_server: ServerProce
 
 @pytest.mark.timeout(900)
 def test_vllm_bench_serve_openai_chat_has_no_failures(
-        live_server: ServerProcess, tmp_path: Path) -> None:  # noqa: F811
+        live_server: ServerProcess, tmp_path: Path) -> None:
     cmd = [sys.executable, str(ROOT / "scripts" / "vllm_bench_serve.py"),
            "--backend", "openai-chat", "--base-url", live_server.base_url,
            "--endpoint", "/v1/chat/completions", "--model", MODEL,

@@ -25,7 +25,6 @@ from server.metrics import MetricsMiddleware, attach_engine_observers
 from specapprox_vllm.draft_scheduler import ApproxStats, DraftScheduler
 from specapprox_vllm.policies import METHODS, load_method_defaults
 from tests.conftest import ROOT
-from tests.live_server import live_server  # noqa: F401  (session fixture)
 from tests.server_utils import ServerProcess
 
 DEFAULTS = load_method_defaults(ROOT / "configs" / "methods")
@@ -149,7 +148,7 @@ def get(m: dict, name: str, **labels: str) -> float:
 
 @pytest.mark.server
 @pytest.mark.timeout(900)
-def test_live_metrics_move_by_what_the_responses_say(live_server: ServerProcess) -> None:  # noqa: F811
+def test_live_metrics_move_by_what_the_responses_say(live_server: ServerProcess) -> None:
     url = live_server.base_url
     before = scrape(url)
     # vLLM's own engine series are still served next to ours.

@@ -17,11 +17,8 @@ MODEL = "SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(scope="module")
-def server():
-    require_model()
-    srv = ServerProcess().start()
-    yield srv
-    srv.stop()
+def server(live_server: ServerProcess) -> ServerProcess:
+    return live_server
 
 
 @pytest.fixture(scope="module")
