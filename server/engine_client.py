@@ -76,7 +76,7 @@ class ApproxEngineClient:
         if ctx is not None:
             ctx.stats.append(plan.stats)
         target_prompt = prompt
-        if plan.prompt_token_ids is not token_ids and plan.prompt_token_ids != token_ids:
+        if plan.prompt_token_ids != list(token_ids):
             target_prompt = {k: v for k, v in prompt.items()
                              if k not in ("prompt", "prompt_token_offsets")}
             target_prompt["prompt_token_ids"] = plan.prompt_token_ids
