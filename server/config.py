@@ -45,7 +45,8 @@ class EngineConfig(_Strict):
     seed: int = 0
     tensor_parallel_size: int = Field(1, ge=1)
     num_layers: int | None = Field(
-        None, ge=1, description="Draft only: keep the first k layers (hf_overrides)")
+        None, ge=1, description="Draft only: use the first k layers of `model` "
+        "(a truncated copy is built once next to it)")
 
 
 class DraftConfig(EngineConfig):

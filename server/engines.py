@@ -36,8 +36,6 @@ def _engine_flags(e: EngineConfig) -> list[str]:
         flags.append("--enforce-eager")
     if e.max_num_batched_tokens is not None:
         flags += ["--max-num-batched-tokens", str(e.max_num_batched_tokens)]
-    if e.num_layers is not None:
-        flags += ["--hf-overrides", f'{{"num_hidden_layers": {e.num_layers}}}']
     return flags
 
 
@@ -61,7 +59,13 @@ def draft_engine_args(cfg: ServerConfig) -> Any:
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    args = make_arg_parser(FlexibleArgumentParser()).parse_args(_engine_flags(cfg.draft))
+    draft = cfg.draft
+    if draft.num_layers is not None:
+        from specapprox_vllm.truncate import truncated_checkpoint
+
+        draft = draft.model_copy(update={"model": str(truncated_checkpoint(draft.model,
+                                                                           draft.num_layers))})
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(_engine_flags(draft))
     return AsyncEngineArgs.from_cli_args(args)
 
 
