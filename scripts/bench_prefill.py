@@ -91,7 +91,8 @@ def timed_request(client: openai.OpenAI, messages: list[dict[str, str]],
         if chunk.usage is not None:
             usage = chunk.usage
     end = time.perf_counter()
-    foreign = foreign_cores(cpu0, cpu_counters(pgid))
+    # unknown for a server we did not start: its own CPU time would count as foreign
+    foreign = foreign_cores(cpu0, cpu_counters(pgid)) if pgid is not None else None
     if ttft is None:  # a first token that decodes to "" (rare): fall back to the first chunk
         ttft = first_chunk if first_chunk is not None else end
     a = (usage.model_extra or {}).get("approx", {}) if usage is not None else {}
@@ -115,7 +116,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"n": len(runs), "ttft_ms": med("ttft_ms"), "draft_ms": med("draft_ms"),
             "select_ms": med("select_ms"), "target_ms": med("target_ms"),
             "ttft_min_ms": round(min(t), 1), "ttft_max_ms": round(max(t), 1),
-            "foreign_cores_max": max(r.get("foreign_cores", 0.0) for r in runs),
+            "foreign_cores_max": max((r["foreign_cores"] for r in runs
+                                      if r.get("foreign_cores") is not None), default=None),
             "prompt_tokens": runs[0]["prompt_tokens"],
             "prompt_tokens_kept": runs[0]["approx"].get("prompt_tokens_kept")}
 
@@ -150,12 +152,13 @@ def print_table(results: dict[str, Any]) -> None:
     print("-" * len(head))
     for label, c in results["configs"].items():
         n, s = c["none"], c["specpc"]
+        fs = [x for x in (n.get("foreign_cores_max"), s.get("foreign_cores_max")) if x is not None]
+        foreign = f"{max(fs):.2f}" if fs else "n/a"
         print(f"{label:<6} {n['prompt_tokens']:>7} {s['prompt_tokens_kept']!s:>5} "
               f"{n['ttft_ms']:>10.0f} {s['ttft_ms']:>12.0f} {s['draft_ms']:>9.0f} "
               f"{s['select_ms']:>9.1f} {s['target_ms']:>8.0f} "
               f"{c['ratio_none_over_specpc_target']:>11.2f} "
-              f"{c['ratio_none_over_specpc_total']:>10.2f} "
-              f"{max(n.get('foreign_cores_max', 0), s.get('foreign_cores_max', 0)):>13.2f}")
+              f"{c['ratio_none_over_specpc_total']:>10.2f} {foreign:>13}")
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -199,14 +202,15 @@ def main(argv: list[str] | None = None) -> int:
                         "--draft.num_layers k); default full,12")
     p.add_argument("--base-url", help="use this running server (one --draft-layers entry)")
     p.add_argument("--draft-mode", choices=("auto", *DRAFT_MODES), default="auto",
-                   help="k-layer drafts: hf_overrides = --draft.num_layers k; checkpoint = "
+                   help="k-layer drafts: num_layers = --draft.num_layers k; checkpoint = "
                         "--draft.model <truncated copy>; auto = the first, else the second")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--context-tokens", type=int, default=4000)
     p.add_argument("--budget", type=int, default=1024)
     p.add_argument("--seed0", type=int, default=100, help="first needle seed of the runs")
     p.add_argument("--wait-quiet", type=float, default=600.0,
-                   help="seconds to wait for other VLLM processes to go idle before timing")
+                   help="seconds to wait, before timing, until processes other than our "
+                        "server use under 0.2 cores")
     p.add_argument("--resume", action="store_true", help="keep configs already in --out")
     p.add_argument("--out", type=Path, default=REPO / "docs/results/bench_prefill.json")
     p.add_argument("--plot", type=Path, default=REPO / "docs/results/bench_prefill.png")
@@ -241,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n[{label}] start_layer {start}", flush=True)
         srv, mode, fallback = start_draft_server(layers, args.draft_mode, args.base_url)
         try:
-            quiet = wait_for_quiet(srv.pgid, args.wait_quiet)
+            # an external server's idle CPU would count as foreign: no waiting for it
+            quiet = (wait_for_quiet(srv.pgid, args.wait_quiet) if srv.pgid is not None
+                     else None)
             before = load_snapshot()
             print(f"  load before: {before['loadavg_1_5_15']} (quiet: {quiet})", flush=True)
             client = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused",
@@ -249,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = bench_config(client, tok, args, start, srv.pgid)
             cfg.update({"draft_layers": layers or TARGET_LAYERS, "start_layer": start,
                         "draft_mode": mode, "draft_mode_fallback_reason": fallback,
+                        "machine": machine_info(),
                         "server_args": srv.extra_args, "machine_was_quiet": quiet,
                         "load_before": before, "load_after": load_snapshot()})
         finally:

@@ -2,7 +2,7 @@
 """SpecPC needle accuracy over HTTP as a function of the draft: full SmolLM2 vs its first k layers.
 
 Why: issue 4 asks how accurate SpecPC is when the draft is the target's own first k layers
-(``--draft.num_layers k``, vLLM ``hf_overrides``), which is the only way a one-model machine gets
+(``--draft.num_layers k``), which is the only way a one-model machine gets
 a draft cheaper than the target. Everything goes through the public API with the ``openai``
 SDK, exactly as a user would call it, so the numbers include the real draft engine, the
 attention-capture backend and the selection path of the server.
@@ -172,6 +172,8 @@ def plot(results: dict[str, Any], budgets: list[int], path: Path) -> None:
                 ax.annotate(f"start_layer {c['start_layer']}", (c["draft_layers"], y),
                             textcoords="offset points", xytext=(5, -10), fontsize=7,
                             color=color)
+    if any(c.get("forced_start_layer") for c in every):
+        ax.scatter([], [], marker="x", color="black", label="same draft, other start_layer")
     ref = results.get("reference")
     if ref:
         ax.axhline(100 * ref["accuracy"], color="grey", ls="--",
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                         "labelled e.g. 'k=12,s=4'); default: 8, or --small-start-layer")
     p.add_argument("--base-url", help="use this running server (one --drafts entry: its draft)")
     p.add_argument("--draft-mode", choices=("auto", *DRAFT_MODES), default="auto",
-                   help="k-layer drafts: hf_overrides = --draft.num_layers k (the product's "
+                   help="k-layer drafts: num_layers = --draft.num_layers k (the product's "
                         "way); checkpoint = --draft.model <truncated copy>; auto = the first, "
                         "falling back to the second if the server does not start")
     p.add_argument("--reference-every-config", action="store_true",
@@ -264,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                                    timeout=1800, max_retries=0)
             cfg: dict[str, Any] = {
                 "draft_layers": layers or TARGET_LAYERS, "start_layer": start,
-                "forced_start_layer": args.start_layer is not None,
+                "forced_start_layer": args.start_layer is not None, "machine": machine_info(),
                 "draft_mode": mode, "draft_mode_fallback_reason": fallback,
                 "server_args": srv.extra_args, "server_startup_s": srv.startup_s,
                 "load_before": load_snapshot(), "specpc": {}}

@@ -204,22 +204,31 @@ class Server:
         self.stop()
 
 
-DRAFT_MODES = ("hf_overrides", "checkpoint")
+DRAFT_MODES = ("num_layers", "checkpoint")
 
 
-def truncated_checkpoint(layers: int, root: Path = REPO / "models") -> Path:
+def truncated_checkpoint(layers: int) -> Path:
     """An HF folder holding SmolLM2's first ``layers`` layers (plus embeddings and final norm).
 
-    Why: ``--draft.num_layers k`` passes ``hf_overrides={"num_hidden_layers": k}`` to vLLM, but
-    vLLM 0.32's Llama weight loader raises ``ValueError: There is no module or parameter named
-    'layers.k' in LlamaModel`` for the checkpoint's extra layers, so the draft engine does not
-    start. A checkpoint that simply lacks those layers gives vLLM exactly the draft that
-    ``num_layers`` means (same weights, ``num_hidden_layers = k``, tied LM head). It is written
-    under ``models/`` (git-ignored) once and reused.
+    Why: up to commit 34ddb30, ``--draft.num_layers k`` passed
+    ``hf_overrides={"num_hidden_layers": k}`` to vLLM, whose Llama weight loader then raised
+    ``ValueError: There is no module or parameter named 'layers.k' in LlamaModel`` for the
+    checkpoint's extra layers, so the draft engine did not start. A checkpoint that simply lacks
+    those layers gives vLLM exactly the draft that ``num_layers`` means (same weights,
+    ``num_hidden_layers = k``, tied LM head). The server now builds such a folder itself
+    (``specapprox_vllm.truncate``, used here when present); on older checkouts this builds an
+    equivalent one under ``models/`` (git-ignored), once.
     """
+    try:
+        from specapprox_vllm.truncate import truncated_checkpoint as product_truncate
+    except ImportError:
+        product_truncate = None
+    if product_truncate is not None:
+        return Path(product_truncate(MODEL_DIR, layers))
+
     from safetensors.torch import load_file, save_file
 
-    out = root / f"{MODEL_DIR.name}-first{layers}"
+    out = MODEL_DIR.with_name(f"{MODEL_DIR.name}-first{layers}-eval")
     done = out / "model.safetensors"
     if done.exists():
         return out
@@ -246,18 +255,18 @@ def truncated_checkpoint(layers: int, root: Path = REPO / "models") -> Path:
     return out
 
 
-def draft_server_args(layers: int | None, mode: str = "hf_overrides") -> list[str]:
+def draft_server_args(layers: int | None, mode: str = "num_layers") -> list[str]:
     """``specapprox-serve`` flags for a draft of the target's first ``layers`` layers
     (``None`` = the full SmolLM2 as a separate draft engine, the default config).
 
-    ``mode="hf_overrides"`` is the product's own way (``--draft.num_layers k``);
+    ``mode="num_layers"`` is the product's own way (``--draft.num_layers k``);
     ``mode="checkpoint"`` points ``--draft.model`` at a truncated copy of the checkpoint
     (the same draft, for servers where ``num_layers`` fails to load; see
     ``truncated_checkpoint``).
     """
     if layers is None:
         return []
-    if mode == "hf_overrides":
+    if mode == "num_layers":
         return ["--draft.num_layers", str(layers)]
     if mode == "checkpoint":
         return ["--draft.model", str(truncated_checkpoint(layers))]
@@ -304,7 +313,7 @@ def start_draft_server(layers: int | None, mode: str = "auto", base_url: str | N
         return Server(base_url=base_url).start(), "external", None
     if layers is None:
         return Server([]).start(), "full", None
-    modes = ["hf_overrides", "checkpoint"] if mode == "auto" else [mode]
+    modes = ["num_layers", "checkpoint"] if mode == "auto" else [mode]
     reason = None
     for m in modes:
         srv = Server(draft_server_args(layers, m))
