@@ -88,8 +88,16 @@ def parse_approx(body: dict[str, Any], default_method: str,
         param = f"approx.{loc}" if loc else "approx"
         raise ApproxRequestError(f"{param}: {msg}", param) from None
     except ValueError as e:
-        field = str(e).split(":", 1)[0] if ":" in str(e) else "method"
-        raise ApproxRequestError(f"approx.{e}", f"approx.{field}") from None
+        raise field_error(e) from None
+
+
+def field_error(e: ValueError) -> ApproxRequestError:
+    """An error whose message reads ``"<field>: <message>"`` (the configs' and the
+    scheduler's convention), as a 400 naming ``approx.<field>``; ``method`` otherwise."""
+    field = str(e).split(":", 1)[0] if ":" in str(e) else "method"
+    if " " in field:
+        field = "method"
+    return ApproxRequestError(f"approx.{e}", f"approx.{field}")
 
 
 def approx_usage(stats: list[ApproxStats]) -> dict[str, Any] | None:
@@ -147,15 +155,9 @@ class ApproxMiddleware:
                 cfg = parse_approx(body, self.default_method, self.method_defaults)
                 scope[METHOD_SCOPE_KEY] = cfg.method
                 self.scheduler.check(cfg)
-            except ApproxRequestError as e:
-                await send_error(send, HTTPStatus.BAD_REQUEST, str(e), param=e.param)
-                return
-            except ValueError as e:  # the scheduler's checks: "<field>: <message>"
-                field = str(e).split(":", 1)[0] if ":" in str(e) else "method"
-                if " " in field:
-                    field = "method"
-                await send_error(send, HTTPStatus.BAD_REQUEST, f"approx.{e}",
-                                 param=f"approx.{field}")
+            except (ApproxRequestError, ValueError) as e:
+                err = e if isinstance(e, ApproxRequestError) else field_error(e)
+                await send_error(send, HTTPStatus.BAD_REQUEST, str(err), param=err.param)
                 return
             ctx = RequestApprox(cfg)
             scope[APPROX_SCOPE_KEY] = ctx
