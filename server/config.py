@@ -39,6 +39,9 @@ class EngineConfig(_Strict):
         "VLLM_CPU_KVCACHE_SPACE which both engines would share")
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int | None = Field(None, ge=16)
+    block_size: int | None = Field(
+        None, ge=16, description="KV block size in tokens (null: vLLM's default, 128 on "
+        "CPU; CPU needs a multiple of 32). Smaller blocks let KV compaction free more")
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     enforce_eager: bool = True

@@ -76,17 +76,26 @@ class ApproxEngineClient:
         if ctx is not None:
             ctx.stats.append(plan.stats)
         target_prompt = prompt
-        if plan.prompt_token_ids != list(token_ids):
+        if plan.prompt_token_ids != list(token_ids) or plan.cache_salt is not None:
             target_prompt = {k: v for k, v in prompt.items()
                              if k not in ("prompt", "prompt_token_offsets")}
             target_prompt["prompt_token_ids"] = plan.prompt_token_ids
-        async for out in self.target.generate(target_prompt, sampling_params, request_id,
-                                              **kwargs):
-            if target_prompt is not prompt:
-                out.prompt_token_ids = list(token_ids)
-                if prompt.get("prompt") is not None:
-                    out.prompt = prompt["prompt"]
-            yield out
+            if plan.cache_salt is not None:
+                target_prompt["cache_salt"] = plan.cache_salt
+        params = plan.sampling_params if plan.sampling_params is not None else sampling_params
+        try:
+            async for out in self.target.generate(target_prompt, params, request_id,
+                                                  **kwargs):
+                if out.finished and plan.on_output is not None:
+                    plan.on_output(out)
+                if target_prompt is not prompt:
+                    out.prompt_token_ids = list(token_ids)
+                    if prompt.get("prompt") is not None:
+                        out.prompt = prompt["prompt"]
+                yield out
+        finally:
+            if plan.release is not None:
+                await plan.release()
 
     def shutdown(self, timeout: float | None = None) -> None:
         for engine in self.engines:

@@ -8,6 +8,7 @@ The target's arguments go through vLLM's own server argument parser, so the resu
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from typing import Any
 
@@ -36,7 +37,17 @@ def _engine_flags(e: EngineConfig) -> list[str]:
         flags.append("--enforce-eager")
     if e.max_num_batched_tokens is not None:
         flags += ["--max-num-batched-tokens", str(e.max_num_batched_tokens)]
+    if e.block_size is not None:
+        flags += ["--block-size", str(e.block_size)]
     return flags
+
+
+def target_flags(e: EngineConfig) -> list[str]:
+    """The target's flags: its engine flags plus the SpecKV KV connector, which injects
+    compacted KV into decode requests and does nothing for any other request."""
+    from specapprox_vllm.kv_connector import CONNECTOR_CONFIG
+
+    return _engine_flags(e) + ["--kv-transfer-config", json.dumps(CONNECTOR_CONFIG)]
 
 
 def vllm_server_args(cfg: ServerConfig) -> argparse.Namespace:
@@ -44,7 +55,7 @@ def vllm_server_args(cfg: ServerConfig) -> argparse.Namespace:
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    flags = _engine_flags(cfg.target) + [
+    flags = target_flags(cfg.target) + [
         "--served-model-name", cfg.server.served_model_name,
         "--host", cfg.server.host, "--port", str(cfg.server.port),
         "--disable-uvicorn-access-log",

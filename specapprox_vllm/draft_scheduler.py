@@ -10,6 +10,7 @@ up in ``usage.approx``). It never generates the user's answer itself: the target
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,31 +34,41 @@ class ApproxStats:
     draft_ms: float = 0.0
     select_ms: float = 0.0
     reason: str | None = None
+    # KV-compressing methods only (omitted otherwise):
+    score_ms: float | None = None  # the target's scoring request (prefill of P + D), wall
+    kv_blocks_before: int | None = None  # KV blocks the served prompt would hold uncompressed
+    kv_blocks_after: int | None = None  # blocks the decode request held at admission (engine)
+    kv_bytes_saved: int | None = None  # (before - after) blocks, in bytes of the target's KV
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if d["reason"] is None:
-            del d["reason"]
-        return d
+        return {k: v for k, v in asdict(self).items()
+                if v is not None or k in ("kv_entries_kept",)}
 
 
 @dataclass
 class Plan:
-    """What the target engine is asked to serve for one request."""
+    """What the target engine is asked to serve for one request.
+
+    ``sampling_params`` / ``cache_salt`` replace the user's when set (SpecKV's decode
+    request); ``on_output`` sees the final engine output (engine-side KV accounting), and
+    ``release`` is awaited once the target request has ended, however it ended.
+    """
 
     prompt_token_ids: list[int]
     stats: ApproxStats
     extra: dict[str, Any] = field(default_factory=dict)
+    sampling_params: Any | None = None
+    cache_salt: str | None = None
+    on_output: Callable[[Any], None] | None = None
+    release: Callable[[], Awaitable[None]] | None = None
 
 
 def _budget(cfg: ApproxConfig) -> int | None:
-    """The budget whose excess triggers approximation (prompt budget first: SpecPC acts first
-    in the cascade)."""
-    for key in ("prompt_budget", "kv_budget"):
-        value = getattr(cfg, key, None)
-        if value is not None:
-            return int(value)
-    return None
+    """The prompt length up to which a method changes nothing: its smallest budget (the
+    cascade still compresses the KV of a prompt within ``prompt_budget``)."""
+    budgets = [int(v) for k in ("prompt_budget", "kv_budget")
+               if (v := getattr(cfg, k, None)) is not None]
+    return min(budgets) if budgets else None
 
 
 class DraftScheduler:

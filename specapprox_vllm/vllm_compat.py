@@ -25,6 +25,13 @@ PATCH_POINTS: tuple[tuple[str, str], ...] = (
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackend"),
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"),
+    # SpecKV: compacted KV injected into the decode request by an out-of-tree connector;
+    # kept keys re-rotated with the model's own rotary module
+    ("vllm.distributed.kv_transfer.kv_connector.v1.base", "KVConnectorBase_V1"),
+    ("vllm.distributed.kv_transfer.kv_connector.v1.base", "KVConnectorMetadata"),
+    ("vllm.model_executor.layers.rotary_embedding.base", "RotaryEmbedding"),
+    ("vllm.model_executor.layers.rotary_embedding.common", "ApplyRotaryEmb"),
+    ("vllm.model_executor.layers.attention.attention", "Attention"),
     # per-engine metrics (server/metrics.py): stat loggers and scheduler stats
     ("vllm.v1.metrics.loggers", "StatLoggerManager"),
     ("vllm.v1.metrics.stats", "SchedulerStats"),
@@ -74,7 +81,8 @@ _RUNNER_PATCHED = False
 
 def patch_model_runner() -> None:
     """Wrap the V1 model runner's ``_prepare_inputs`` to publish which batch rows belong to
-    capture-flagged requests (attention metadata has no request ids).
+    flagged requests (SpecPC draft capture, SpecKV scoring): attention metadata has no
+    request ids.
 
     V1 runner only: on CUDA, vLLM 0.32 defaults to Model Runner V2, which needs the same
     publication from its ``prepare_attn`` (docs/design.md); the CPU build always runs V1.
@@ -85,14 +93,15 @@ def patch_model_runner() -> None:
         return
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from specapprox_vllm.capture import publish_step
+    from specapprox_vllm import capture, kv_compact
 
     original = GPUModelRunner._prepare_inputs
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):  # type: ignore[no-untyped-def]
         out = original(self, scheduler_output, num_scheduled_tokens)
-        num_reqs = self.input_batch.num_reqs
-        publish_step(list(self.input_batch.req_ids[:num_reqs]), self.requests)
+        req_ids = list(self.input_batch.req_ids[: self.input_batch.num_reqs])
+        capture.publish_step(req_ids, self.requests)
+        kv_compact.publish_step(req_ids, self.requests, self)
         return out
 
     GPUModelRunner._prepare_inputs = _prepare_inputs
@@ -100,13 +109,15 @@ def patch_model_runner() -> None:
 
 
 def make_capture_cpu_backend() -> type:
-    """CPU_ATTN with a post-attention capture hook (see :mod:`specapprox_vllm.capture`)."""
+    """CPU_ATTN with post-attention hooks: SpecPC capture (:mod:`specapprox_vllm.capture`)
+    and SpecKV compaction (:mod:`specapprox_vllm.kv_compact`)."""
     from vllm.v1.attention.backends.cpu_attn import (
         CPUAttentionBackend,
         CPUAttentionBackendImpl,
     )
 
     from specapprox_vllm.capture import capture_layer
+    from specapprox_vllm.kv_compact import compact_layer
 
     class CaptureCPUImpl(CPUAttentionBackendImpl):
         def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
@@ -118,6 +129,7 @@ def make_capture_cpu_backend() -> type:
             out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                   *args, **kwargs)
             capture_layer(self, layer, query, kv_cache, attn_metadata)
+            compact_layer(self, layer, query, kv_cache, attn_metadata)
             return out
 
     class CaptureCPUBackend(CPUAttentionBackend):

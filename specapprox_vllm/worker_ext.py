@@ -11,3 +11,19 @@ class SpecApproxWorkerExtension:
         from specapprox_vllm.capture import pop_captures
 
         return pop_captures(keys)
+
+    def specapprox_kv_results(self, keys: list[str], with_indices: bool = False
+                              ) -> dict[str, dict[str, Any]]:
+        from specapprox_vllm.kv_compact import results
+
+        return results(keys, with_indices)
+
+    def specapprox_kv_drop(self, keys: list[str]) -> int:
+        from specapprox_vllm.kv_compact import drop
+
+        return drop(keys)
+
+    def specapprox_kv_store_info(self) -> dict[str, int]:
+        from specapprox_vllm.kv_compact import store_info
+
+        return store_info()
