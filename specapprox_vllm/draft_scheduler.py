@@ -39,6 +39,7 @@ class ApproxStats:
     kv_blocks_before: int | None = None  # KV blocks the served prompt would hold uncompressed
     kv_blocks_after: int | None = None  # blocks the decode request held at admission (engine)
     kv_bytes_saved: int | None = None  # (before - after) blocks, in bytes of the target's KV
+    kv_loads: int | None = None  # compacted-KV loads (> 1: preempted and reloaded)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items()

@@ -42,6 +42,7 @@ class KVHandle:
     worker_ms: float  # capture + select + gather + re-rotate, summed over layers (max rank)
     wall_ms: float  # the scoring request, end to end (includes queueing behind others)
     retried_without_prefix_cache: bool = False
+    cached_tokens: int = 0  # prompt tokens the scoring request read from the prefix cache
     indices: dict[str, list[list[int]]] | None = None  # layer -> [H_kv][C] (tests only)
 
 
@@ -69,11 +70,12 @@ class TargetKVRunner:
             params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
                                     extra_args={EXTRA_KEY: asdict(spec)},
                                     skip_reading_prefix_cache=skip_cache)
+            cached = 0
             try:
-                async for _ in self.engine.generate(
+                async for out in self.engine.generate(
                         {"prompt_token_ids": [*prompt_ids, *draft_tokens]}, params,
                         f"{request_id}-kvscore-{key}"):
-                    pass
+                    cached = int(out.num_cached_tokens or 0)
                 results = await self.engine.collective_rpc(
                     "specapprox_kv_results", args=([key], want_indices))
             except BaseException:
@@ -98,7 +100,7 @@ class TargetKVRunner:
                         indices.setdefault(name, []).extend(rows)
             return KVHandle(key, len(prompt_ids), cfg.kv_budget, len(draft_tokens),
                             max(p["ms"] for p in parts), 1e3 * (time.perf_counter() - t0),
-                            skip_cache, indices)
+                            skip_cache, cached, indices)
         raise KVCompactError("KV scoring incomplete even without prefix caching")
 
     @staticmethod

@@ -97,8 +97,12 @@ class KVHandler:
     async def __call__(self, prompt_ids: list[int], sampling_params: Any, cfg: ApproxConfig,
                        request_id: str) -> Plan:
         if getattr(sampling_params, "prompt_logprobs", None) is not None:
-            raise ValueError(f"method: {cfg.method} serves the prompt from a compacted KV "
-                             "cache and cannot return prompt_logprobs")
+            from vllm.exceptions import VLLMValidationError
+
+            raise VLLMValidationError(
+                f"prompt_logprobs: approx.method {cfg.method} serves the prompt from a "
+                "compacted KV cache and cannot return prompt log-probabilities",
+                parameter="prompt_logprobs")
         policy = build_policy(cfg)
         n_in = len(prompt_ids)
         served, draft_tokens, draft_ms = await self._draft(policy, prompt_ids,
@@ -122,6 +126,7 @@ class KVHandler:
                 return
             out.kv_transfer_params = None  # ours, not the client's
             stats.kv_blocks_after = report.get("blocks_at_admission")
+            stats.kv_loads = report.get("loads")
             if stats.kv_blocks_after is not None:
                 stats.kv_bytes_saved = ((stats.kv_blocks_before - stats.kv_blocks_after)
                                         * self.block_size * self.token_bytes)

@@ -65,3 +65,28 @@ def make_tiny_llama(out: Path, tokenizer_dir: Path, layers: int = 2, seed: int =
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_dir)
+
+
+# HTTP fixtures shared by the modules that talk to ``live_server`` with the openai SDK.
+@pytest.fixture(scope="module")
+def server(live_server):
+    return live_server
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0,
+                         timeout=600)
+
+
+@pytest.fixture(scope="module")
+def needle():
+    """A 3k-token needle-in-a-haystack chat prompt (SmolLM2 answers it with full KV)."""
+    from transformers import AutoTokenizer
+
+    from specapprox_vllm.eval.needle import make_needle_case
+
+    return make_needle_case(AutoTokenizer.from_pretrained(require_model()), 3000, seed=11,
+                            depth=0.5)

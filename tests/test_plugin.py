@@ -77,3 +77,43 @@ def test_scheduler_stats_fields_used_by_metrics() -> None:
     names = {f.name for f in dataclasses.fields(SchedulerStats)}
     assert {"num_running_reqs", "num_waiting_reqs", "num_skipped_waiting_reqs",
             "kv_cache_usage"} <= names
+
+
+def test_kv_connector_implements_vllms_interface() -> None:
+    """The SpecKV connector loads through vLLM's factory and leaves nothing abstract; the
+    hooks it relies on keep their parameter lists."""
+    import inspect
+
+    from vllm.config.kv_transfer import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+
+    from specapprox_vllm.kv_connector import CONNECTOR_CONFIG, SpecApproxConnector
+
+    cls = KVConnectorFactory.get_connector_class(KVTransferConfig(**CONNECTOR_CONFIG))
+    assert cls is SpecApproxConnector and not SpecApproxConnector.__abstractmethods__
+    for name in ("get_num_new_matched_tokens", "update_state_after_alloc",
+                 "build_connector_meta", "request_finished", "start_load_kv",
+                 "get_block_ids_with_load_errors"):
+        ours = tuple(inspect.signature(getattr(SpecApproxConnector, name)).parameters)
+        theirs = tuple(inspect.signature(getattr(KVConnectorBase_V1, name)).parameters)
+        assert ours[: len(theirs)] == theirs or "kwargs" in ours, name
+
+
+def test_rerotation_matches_vllms_rope() -> None:
+    """Kept keys are moved from position p to p - delta with vLLM's own rotary code; the
+    self-check that guards it must pass for the standard rope and llama3 scaling."""
+    import torch
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    from specapprox_vllm.kv_compact import _check_rerotation
+
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 512}
+    for scaling, neox in ((None, True), (None, False), (llama3, True)):
+        params = {"rope_theta": 10000.0, **({"rope_type": "default"} | (scaling or {}))}
+        with set_current_vllm_config(VllmConfig()):
+            rope = get_rope(64, max_position=4096, is_neox_style=neox,
+                            rope_parameters=params, dtype=torch.float32)
+        _check_rerotation(rope)

@@ -8,31 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from specapprox_vllm.eval.needle import make_needle_case
-from tests.conftest import require_model
-from tests.server_utils import ServerProcess
-
 pytestmark = pytest.mark.server
 MODEL = "SmolLM2-135M-Instruct"
-
-
-@pytest.fixture(scope="module")
-def server(live_server: ServerProcess) -> ServerProcess:
-    return live_server
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0,
-                         timeout=600)
-
-
-@pytest.fixture(scope="module")
-def needle():
-    from transformers import AutoTokenizer
-
-    return make_needle_case(AutoTokenizer.from_pretrained(require_model()), 3000, seed=11,
-                            depth=0.5)
 
 
 def chat(client: openai.OpenAI, messages, approx=None, **kw):

@@ -1,0 +1,99 @@
+"""SpecKV and its baselines end to end over HTTP with the ``openai`` SDK, on the real server
+(SmolLM2 target, SmolLM2 as its own draft): nothing evicted equals the plain target, a 3k
+needle survives C = 256, usage.approx carries the engine's own KV accounting, and the
+target's KV usage (vLLM's Prometheus gauge) returns to idle."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.test_specpc_server import MODEL, chat
+
+pytestmark = pytest.mark.server
+
+
+def test_nothing_evicted_equals_the_plain_target(client: openai.OpenAI, needle) -> None:
+    plain = chat(client, needle.messages, {"method": "none"})
+    length = plain.usage.prompt_tokens
+    for method in ("speckv", "snapkv", "streamingllm"):
+        resp = chat(client, needle.messages, {"method": method, "kv_budget": length - 1})
+        a = resp.usage.model_extra["approx"]
+        assert a["applied"] is True and a["kv_entries_kept"] == length - 1
+        assert resp.choices[0].message.content == plain.choices[0].message.content, method
+
+
+def test_needle_at_kv_budget_256(client: openai.OpenAI, needle) -> None:
+    resp = chat(client, needle.messages, {"method": "speckv", "kv_budget": 256})
+    assert needle.answer in resp.choices[0].message.content
+    a = resp.usage.model_extra["approx"]
+    assert a["method"] == "speckv" and a["applied"] is True
+    assert a["kv_entries_kept"] == 256 and a["prompt_tokens_in"] == resp.usage.prompt_tokens
+    assert a["draft_tokens"] == 24 and a["draft_ms"] > 0  # lookahead = max_tokens
+    assert a["score_ms"] > 0 and a["select_ms"] > 0 and a["kv_loads"] == 1
+    bs = 128  # vLLM's CPU default block size (configs/default.yaml leaves it unset)
+    assert a["kv_blocks_before"] == -(-a["prompt_tokens_in"] // bs)
+    assert a["kv_blocks_after"] == -(-(256 + 1) // bs)
+    assert a["kv_bytes_saved"] == (a["kv_blocks_before"] - a["kv_blocks_after"]) * bs * (
+        2 * 30 * 3 * 64 * 4)  # K and V, 30 layers, 3 KV heads, head dim 64, fp32
+
+    snap = chat(client, needle.messages, {"method": "snapkv", "kv_budget": 256})
+    s = snap.usage.model_extra["approx"]
+    assert s["applied"] is True and s["kv_entries_kept"] == 256 and s["draft_tokens"] == 0
+
+
+def test_streamed_speckv_matches_and_reports_usage(client: openai.OpenAI, needle) -> None:
+    approx = {"method": "speckv", "kv_budget": 256, "lookahead": 8}
+    resp = chat(client, needle.messages, approx)
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=needle.messages, max_tokens=24, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"approx": approx}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == resp.choices[0].message.content
+    a = chunks[-1].usage.model_extra["approx"]
+    assert a["draft_tokens"] == 8 and a["kv_blocks_after"] == 3
+    assert chunks[-1].usage.prompt_tokens == resp.usage.prompt_tokens
+
+
+def test_cascade_and_completions_endpoint(client: openai.OpenAI, needle) -> None:
+    resp = chat(client, needle.messages, {"method": "speckv_pc", "prompt_budget": 1024,
+                                          "kv_budget": 256})
+    a = resp.usage.model_extra["approx"]
+    assert a["applied"] and a["prompt_tokens_kept"] <= 1024 and a["kv_entries_kept"] == 256
+    assert a["draft_tokens"] == 20  # the cascade's default lookahead
+    comp = client.completions.create(model=MODEL, prompt="word " * 600, max_tokens=4,
+                                     temperature=0,
+                                     extra_body={"vllm_xargs": {"approx_method": "snapkv",
+                                                                "approx_kv_budget": 128}})
+    c = comp.usage.model_extra["approx"]
+    assert c["method"] == "snapkv" and c["applied"] and c["kv_entries_kept"] == 128
+
+
+def test_prompt_logprobs_are_refused(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="word " * 300, max_tokens=2,
+                                  extra_body={"prompt_logprobs": 1,
+                                              "approx": {"method": "snapkv",
+                                                         "kv_budget": 64}})
+    assert "prompt_logprobs" in e.value.body["message"]
+
+
+def _kv_usage(base_url: str) -> float:
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    values = [float(m.group(1)) for m in re.finditer(
+        r'^specapprox_engine_kv_cache_usage_ratio\{engine="target"\} (\S+)$', text, re.M)]
+    assert values, "no target KV usage gauge on /metrics"
+    return values[0]
+
+
+def test_kv_usage_returns_to_idle(client: openai.OpenAI, server, needle) -> None:
+    for method in ("speckv", "snapkv", "streamingllm"):
+        chat(client, needle.messages, {"method": method, "kv_budget": 128})
+    deadline = time.time() + 30
+    while _kv_usage(server.base_url) != 0.0 and time.time() < deadline:
+        time.sleep(0.5)
+    assert _kv_usage(server.base_url) == 0.0
