@@ -1,0 +1,104 @@
+"""The accuracy sweep's grid and its aggregation (pure Python; the HTTP side lives in
+``scripts/eval_accuracy.py``).
+
+A *setting* is one ``approx`` object (a method at a budget). Every case of every (task,
+length) cell is served once per setting; ``none`` (full attention) is the reference. Cells
+where ``none`` scores below ``min_full`` are dropped from the averages (RULER-style
+calibration: a 135M model cannot do every task, and a method cannot lose accuracy the model
+never had), and the report says which.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+KV_METHODS = ("streamingllm", "snapkv", "speckv")
+PROMPT_METHODS = ("specpc",)
+
+
+@dataclass(frozen=True)
+class Setting:
+    method: str
+    budget: int | None  # the swept budget (KV entries, or prompt tokens for specpc)
+
+    @property
+    def label(self) -> str:
+        return self.method if self.budget is None else f"{self.method}@{self.budget}"
+
+    def approx(self, cascade_prompt_budget: int = 2048) -> dict[str, Any]:
+        if self.method == "none":
+            return {"method": "none"}
+        if self.method in PROMPT_METHODS:
+            return {"method": self.method, "prompt_budget": self.budget}
+        if self.method == "speckv_pc":
+            return {"method": self.method, "kv_budget": self.budget,
+                    "prompt_budget": cascade_prompt_budget}
+        return {"method": self.method, "kv_budget": self.budget}
+
+
+def settings(methods: list[str], kv_budgets: list[int], prompt_budgets: list[int]
+             ) -> list[Setting]:
+    """``none`` first (the reference, and it warms the prefix cache for the rest)."""
+    out = [Setting("none", None)]
+    for m in methods:
+        if m == "none":
+            continue
+        budgets = prompt_budgets if m in PROMPT_METHODS else kv_budgets
+        out += [Setting(m, b) for b in budgets]
+    return out
+
+
+def cell_means(records: list[dict[str, Any]]) -> dict[tuple[str, str, int], float]:
+    """Mean score per (setting label, task, length)."""
+    acc: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    for r in records:
+        acc[(r["setting"], r["task"], r["length"])].append(r["score"])
+    return {k: statistics.fmean(v) for k, v in acc.items()}
+
+
+def calibrate(means: dict[tuple[str, str, int], float], min_full: float = 0.5
+              ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(kept cells, dropped cells): a cell is kept when full attention scores >= min_full."""
+    cells = sorted({(t, n) for (s, t, n) in means if s == "none"})
+    kept = [c for c in cells if means[("none", *c)] >= min_full]
+    return kept, [c for c in cells if c not in kept]
+
+
+def summarize(records: list[dict[str, Any]], min_full: float = 0.5) -> dict[str, Any]:
+    """Per setting: the mean over kept cells, per task (over lengths) and per length (over
+    tasks); plus which cells were dropped, and the sample count per cell."""
+    means = cell_means(records)
+    kept, dropped = calibrate(means, min_full)
+    counts: dict[tuple[str, str, int], int] = defaultdict(int)
+    for r in records:
+        counts[(r["setting"], r["task"], r["length"])] += 1
+    labels = list(dict.fromkeys(r["setting"] for r in records))
+    table: dict[str, Any] = {}
+    for label in labels:
+        vals = [means[(label, *c)] for c in kept if (label, *c) in means]
+        tasks = sorted({t for t, _ in kept})
+        lengths = sorted({n for _, n in kept})
+        table[label] = {
+            "mean": statistics.fmean(vals) if vals else None,
+            "by_task": {t: _mean([means.get((label, t, n)) for tt, n in kept if tt == t])
+                        for t in tasks},
+            "by_length": {str(n): _mean([means.get((label, t, n)) for t, nn in kept
+                                         if nn == n]) for n in lengths},
+        }
+    return {
+        "min_full": min_full,
+        "kept_cells": [list(c) for c in kept],
+        "dropped_cells": [{"task": t, "length": n, "full": means[("none", t, n)]}
+                          for t, n in dropped],
+        "min_samples_per_cell": min(counts.values()) if counts else 0,
+        "settings": table,
+        "cells": {f"{s}|{t}|{n}": v for (s, t, n), v in sorted(means.items())},
+    }
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.fmean(vals) if vals else None
