@@ -90,3 +90,19 @@ def needle():
 
     return make_needle_case(AutoTokenizer.from_pretrained(require_model()), 3000, seed=11,
                             depth=0.5)
+
+
+@pytest.fixture(scope="module")
+def referee():
+    """The HF referee on the embedded model, fp32 (the exactness setting)."""
+    import torch
+    from referee import Referee
+
+    return Referee(str(require_model()), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(require_model())

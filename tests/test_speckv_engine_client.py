@@ -120,11 +120,3 @@ async def test_preemption_accounting_and_no_leak(tokenizer) -> None:
     finally:
         engine.shutdown()
 
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from tests.conftest import require_model
-
-    return AutoTokenizer.from_pretrained(require_model())

@@ -25,20 +25,6 @@ MAX_NEW = 24
 FIXED_DRAFT_TEXT = " The secret number mentioned in the text is"
 
 
-@pytest.fixture(scope="module")
-def referee():
-    from referee import Referee
-
-    return Referee(str(require_model()), dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(require_model())
-
-
 def target_engine(**overrides):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM

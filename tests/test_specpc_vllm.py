@@ -16,20 +16,6 @@ WINDOW, START_LAYER, BUDGET, KERNEL, NEIGHBORS = 64, 8, 512, 32, 32
 CHUNK = 256  # max_num_batched_tokens: every prompt below is split into several chunks
 
 
-@pytest.fixture(scope="module")
-def referee():
-    from referee import Referee
-
-    return Referee(str(require_model()), dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(require_model())
-
-
 def _engine():
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
