@@ -17,6 +17,8 @@ Usage::
 
     python scripts/eval_accuracy.py                                  # starts its own server
     python scripts/eval_accuracy.py --base-url http://127.0.0.1:8000 # or uses yours
+    python scripts/eval_accuracy.py --resume      # continue a stopped sweep
+    python scripts/eval_accuracy.py --report-only # table and plots from the records so far
     python scripts/eval_accuracy.py --tasks niah_single,qa --lengths 1024 --samples 3 \\
         --out /tmp/acc.json                                          # smoke
 
@@ -64,8 +66,9 @@ async def serve_case(client: Any, model: str, case: EvalCase, todo: list[Setting
             text = resp.choices[0].message.content or ""
             rec.update(score=case.score(text), text=text[:200],
                        approx=(resp.usage.model_extra or {}).get("approx"))
-        except Exception as exc:  # noqa: BLE001 - a failed request is recorded, not fatal
-            rec.update(score=0.0, error=f"{type(exc).__name__}: {exc}"[:300])
+        except Exception as exc:  # noqa: BLE001 - recorded, kept out of the means, retried
+            # by --resume
+            rec.update(score=None, error=f"{type(exc).__name__}: {exc}"[:300])
         rec["seconds"] = round(time.perf_counter() - t0, 3)
         sink(rec)
         bar.update(1)
@@ -83,7 +86,8 @@ async def run(args: argparse.Namespace, base_url: str, out: Path) -> list[dict[s
     if args.resume and jsonl.exists():
         for line in jsonl.read_text().splitlines():
             r = json.loads(line)
-            done[record_key(r)] = r
+            if "error" not in r:  # failed requests are served again
+                done[record_key(r)] = r
     elif jsonl.exists():
         jsonl.unlink()
     jobs = []
@@ -201,17 +205,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-full", type=float, default=0.5)
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--timeout", type=float, default=900.0)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true", help="skip records already served")
+    p.add_argument("--report-only", action="store_true",
+                   help="no server: summarize the records already in <out>.records.jsonl")
     p.add_argument("--out", type=Path, default=REPO / "docs/results/accuracy.json")
     args = p.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     layers = None if args.draft_layers == "full" else int(args.draft_layers)
     t0 = time.time()
     server_args = draft_server_args(layers) + ["--target.max_model_len", "8192"]
-    with Server(server_args, base_url=args.base_url) as srv:
-        records = asyncio.run(run(args, srv.base_url, args.out))
-    summary = summarize(records, args.min_full)
+    if args.report_only:
+        jsonl = args.out.with_suffix(".records.jsonl")
+        records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    else:
+        with Server(server_args, base_url=args.base_url) as srv:
+            records = asyncio.run(run(args, srv.base_url, args.out))
     errors = [r for r in records if "error" in r]
+    summary = summarize([r for r in records if "error" not in r], args.min_full)
     result = {"command": " ".join(sys.argv), "machine": machine_info(), "args": vars(args)
               | {"out": str(args.out)}, "draft_layers": args.draft_layers,
               "wall_s": round(time.time() - t0, 1), "requests": len(records),
