@@ -1,34 +1,42 @@
 #!/usr/bin/env python
-"""SpecKV (kv_budget C=256) vs full KV under load, served by our server: issue 5's benchmark.
+"""Approximate methods vs full KV under load, served by our server: issues 5 and 6's benchmark.
 
 Why: SpecKV keeps C KV entries per layer and KV head instead of the whole prompt, so a decode
 request holds cdiv(C+1+max_tokens, block) KV blocks instead of cdiv(prompt+max_tokens, block).
-At a fixed KV pool more requests fit at once; this measures how much of that reaches a client.
+At a fixed KV pool more requests fit at once; this measures how much of that reaches a client,
+for ``--methods`` side by side in one run (default none vs speckv, issue 5; issue 6: all six).
+Same budget: the KV methods (streamingllm, snapkv, speckv with ``--lookahead``, speckv_pc with
+its default lookahead after a ``--cascade-prompt-budget`` SpecPC stage) keep ``--kv-budget`` C
+entries; specpc's is a *prompt* budget (``--prompt-budget`` tokens kept, then their full KV).
+With a draft of k <= 8 layers, specpc and speckv_pc get ``start_layer`` k // 2 (default 8).
 
-What: one server (target + draft engine, same settings for both methods: a target KV pool of
+What: one server (target + draft engine, same settings for every method: a target KV pool of
 ``--pool-full-requests`` full requests, ``--block-size``, ``--max-num-seqs``), then
 1. a warm-up request of each method (discarded);
-2. one lone prompt with ``none`` and ``max_tokens=1``: the target prefill time, the
-   denominator of "capture+select+compact as a share of the prefill" (``usage.approx.select_ms``
-   is the worker time of capture + select + gather + re-rotate, summed over layers); one lone
-   ``speckv`` request gives the same share without contention;
-3. ``--requests`` concurrent streamed requests with ``none``, then the same with ``speckv``
-   (fresh prompts: every prompt is a distinct needle case with a unique tag in front, so prefix
-   caching cannot share them; ``ignore_eos`` so every reply has ``--max-tokens`` tokens).
+2. with speckv: one lone prompt with ``none`` and ``max_tokens=1``: the target prefill time,
+   the denominator of "capture+select+compact as a share of the prefill"
+   (``usage.approx.select_ms`` is the worker time of capture + select + gather + re-rotate,
+   summed over layers); one lone ``speckv`` request gives the same share without contention;
+3. ``--requests`` concurrent streamed requests per method, ``none`` first (the reference of
+   every ratio; fresh prompts: every prompt is a distinct needle case with a unique tag in
+   front, so prefix caching cannot share them; ``ignore_eos``: ``--max-tokens`` tokens each).
 While 3 runs, ``GET /metrics`` is polled every ``--poll-s``: peak requests in the target's
-running batch (``specapprox_engine_requests_running{engine="target"}``; for SpecKV it also
+running batch (``specapprox_engine_requests_running{engine="target"}``; for KV methods it also
 counts the short scoring requests), queue, KV blocks used, preemptions. Client-side, the peak
 number of requests between their first and last token ("decoding at once") is counted too.
-Goals (issue 5) are reported, never asserted: output tokens/s >= 4x, peak resident >= 10x
-(beside the theoretical (P+M)/(C+M)), select share <= 10 % of the prefill.
+Goals (issue 5, speckv) are reported, never asserted: output tokens/s >= 4x, peak resident
+>= 10x (beside the theoretical (P+M)/(C+M)), select share <= 10 % of the prefill.
 
 Usage::
 
     python scripts/bench_speckv.py                  # 16 x 4k prompts, 128 tokens, C=256
+    python scripts/bench_speckv.py --methods none,streamingllm,snapkv,speckv,specpc,speckv_pc \\
+        --out docs/results/bench_methods.json       # issue 6: all six methods
     python scripts/bench_speckv.py --requests 4 --prompt-tokens 1024 --max-tokens 16 \\
         --out /tmp/bench_speckv.json --wait-quiet 0  # smoke
 
-Writes ``docs/results/bench_speckv.json`` and ``.png`` (``--out``; the PNG sits beside it).
+Writes ``docs/results/bench_speckv.json`` and ``.png`` (``--out``; the PNG sits beside it):
+``runs[method]``, ``ratios`` (speckv / none) and ``ratios_by_method[method]`` (method / none).
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,7 +77,12 @@ from specapprox_vllm.loadtest.prompts import Prompt  # noqa: E402
 from specapprox_vllm.loadtest.stats import RequestRecord, percentile  # noqa: E402
 
 GiB = 1 << 30
-METHODS = ("none", "speckv")
+METHODS = ("none", "streamingllm", "snapkv", "speckv", "specpc", "speckv_pc")
+COLORS = {"none": "tab:grey", "streamingllm": "tab:brown", "snapkv": "tab:orange",
+          "speckv": "tab:blue", "specpc": "tab:green", "speckv_pc": "tab:purple"}
+# ratio vs none of these summary keys, per method
+RATIO_KEYS = ("output_tok_s", "decode_tok_s", "per_request_decode_tok_s_median", "ttft_p50_s",
+              "peak_running", "peak_decoding_client")
 # /metrics series sampled during the runs: key -> (sample name, labels that must match)
 SERIES = {"running": ("specapprox_engine_requests_running", {"engine": "target"}),
           "waiting": ("specapprox_engine_queue_depth", {"engine": "target"}),
@@ -90,6 +104,41 @@ def kv_token_bytes() -> int:
     c = json.loads((MODEL_DIR / "config.json").read_text())
     head = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     return 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head * 4
+
+
+def parse_methods(text: str) -> list[str]:
+    """``--methods``: known names, ``none`` first (the reference), then the given order."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in METHODS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; choose from {METHODS}")
+    return ["none", *[m for m in dict.fromkeys(names) if m != "none"]]
+
+
+def method_plan(m: str, args: argparse.Namespace, k: int | None) -> dict[str, Any]:
+    """``approx`` of method ``m`` (``k``: draft layers, None = full), KV tokens a decode
+    request holds in theory (``tokens``: kept prompt + output) and KV blocks it holds."""
+    P, M, C, bs = args.prompt_tokens, args.max_tokens, args.kv_budget, args.block_size
+    approx: dict[str, Any] = {"method": m}
+    if m == "none":
+        kept = P
+    elif m == "specpc":  # a prompt budget: the kept prompt tokens get a full KV
+        kept, approx["prompt_budget"] = min(args.prompt_budget, P), args.prompt_budget
+    else:
+        kept, approx["kv_budget"] = min(C, P), C
+        if m == "speckv":
+            approx["lookahead"] = args.lookahead
+        if m == "speckv_pc":
+            approx["prompt_budget"] = args.cascade_prompt_budget
+    if m in ("specpc", "speckv_pc") and k is not None and k <= 8:
+        approx["start_layer"] = k // 2  # SpecPC's default 8 needs a draft of > 8 layers
+    # a compacted KV method holds C+1 entries (issue 5's accounting); a short prompt is whole
+    extra = int(m not in ("none", "specpc") and kept < P)
+    return {"approx": approx, "tokens": kept + M, "blocks": cdiv(kept + extra + M, bs)}
+
+
+def ratio(a: Any, b: Any) -> float | None:
+    return round(a / b, 3) if isinstance(a, (int, float)) and b else None
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -182,7 +231,8 @@ def summarize(recs: list[RequestRecord], wall: float, samples: list[dict[str, fl
         "metric_samples": len(samples),
         "approx_applied": sum(1 for a in approx if a.get("applied")),
         **{f"{k}_median": amed(k) for k in ("draft_ms", "score_ms", "select_ms",
-                                            "kv_blocks_before", "kv_blocks_after")},
+                                            "kv_blocks_before", "kv_blocks_after",
+                                            "prompt_tokens_kept")},
     }
 
 
@@ -203,7 +253,10 @@ async def run_one(client: httpx.AsyncClient, cfg: RunConfig, prompts: list[Promp
 
 async def bench(args: argparse.Namespace, srv: Server, tok: Any, approx: dict[str, Any],
                 settings: dict[str, Any]) -> dict[str, Any]:
+    """Warm-up, lone prefill (with speckv) and one concurrent run per method (``approx``:
+    method -> request ``approx``, ``none`` first)."""
     res: dict[str, Any] = {"settings": settings, "lone": {}, "runs": {}}
+    methods = list(approx)
     limits = httpx.Limits(max_connections=args.requests + 8)
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600, connect=10), limits=limits,
                                  trust_env=False) as client:
@@ -212,93 +265,123 @@ async def bench(args: argparse.Namespace, srv: Server, tok: Any, approx: dict[st
         first = parse_metrics((await client.get(srv.base_url + "/metrics")).text)
         total = first.get("kv_total_blocks")
         settings["pool_blocks_reported"] = int(total) if total is not None else None
-        methods = {"none": {"method": "none"}, "speckv": approx}
-        lone = make_prompts(tok, 4, args.prompt_tokens, 1, args.seed0 + 1000)
+        lone = make_prompts(tok, len(methods) + 2, args.prompt_tokens, 1, args.seed0 + 1000)
         print("  warm-up (one request per method, discarded)", flush=True)
-        for i, m in enumerate(METHODS):
-            await run_setting(client, cfg, [lone[i]], "warmup", methods[m])
+        for i, m in enumerate(methods):
+            await run_setting(client, cfg, [lone[i]], "warmup", approx[m])
         if args.wait_quiet > 0:
             print(f"  quiet machine: {wait_for_quiet(srv.pgid, args.wait_quiet)}", flush=True)
-        for i, m in enumerate(METHODS):
-            (rec,), _ = await run_setting(client, cfg, [lone[2 + i]], f"lone-{m}", methods[m])
+        for i, m in enumerate(("none", "speckv") if "speckv" in methods else ()):
+            (rec,), _ = await run_setting(client, cfg, [lone[len(methods) + i]], f"lone-{m}",
+                                          approx[m])
             res["lone"][m] = {"ttft_ms": round(1e3 * (rec.ttft or float("nan")), 1),
                               "approx": rec.approx, "prompt_tokens": rec.prompt_tokens,
                               "error": rec.error}
             print(f"  lone {m}: TTFT {res['lone'][m]['ttft_ms']} ms", flush=True)
-        for j, m in enumerate(METHODS):
+        for j, m in enumerate(methods):
             prompts = make_prompts(tok, args.requests, args.prompt_tokens, args.max_tokens,
                                    args.seed0 + 100 * j)
             print(f"  {m}: {args.requests} concurrent requests", flush=True)
-            recs, wall, samples, foreign = await run_one(client, cfg, prompts, methods[m], m,
+            recs, wall, samples, foreign = await run_one(client, cfg, prompts, approx[m], m,
                                                          args.poll_s, srv.pgid)
-            res["runs"][m] = {"summary": {**summarize(recs, wall, samples, args.max_tokens),
+            res["runs"][m] = {"approx": approx[m],
+                              "summary": {**summarize(recs, wall, samples, args.max_tokens),
                                           "foreign_cores": foreign},
                               "records": [r.to_json() for r in recs], "timeline": samples}
             print(f"  {m}: {wall:.1f} s, foreign cores {foreign}", flush=True)
     return res
 
 
-def derive(res: dict[str, Any]) -> dict[str, Any]:
-    """Ratios speckv/none and the select share of the target prefill."""
-    n, s = res["runs"]["none"]["summary"], res["runs"]["speckv"]["summary"]
+def derive(res: dict[str, Any], m: str) -> dict[str, Any]:
+    """Ratios of method ``m`` to none, and its select share of the target prefill."""
+    n, s, st = res["runs"]["none"]["summary"], res["runs"][m]["summary"], res["settings"]
+    prefill = res["lone"].get("none", {}).get("ttft_ms")
+    out = {**{k: ratio(s[k], n[k]) for k in RATIO_KEYS},
+           "capacity": ratio(st[f"capacity_{m}"], st["capacity_none"]),
+           "theoretical_tokens": round(st["tokens_full"] / st[f"tokens_{m}"], 2),
+           "select_share_of_prefill": ratio(s["select_ms_median"], prefill)}
+    if m == "speckv":
+        lone_sel = (res["lone"]["speckv"]["approx"] or {}).get("select_ms")
+        out["lone_select_share_of_prefill"] = ratio(lone_sel, prefill)
+    return out
 
-    def ratio(a: Any, b: Any) -> float | None:
-        return round(a / b, 3) if isinstance(a, (int, float)) and b else None
 
-    prefill = res["lone"]["none"]["ttft_ms"]
-    lone_sel = (res["lone"]["speckv"]["approx"] or {}).get("select_ms")
-    keys = ("output_tok_s", "decode_tok_s", "per_request_decode_tok_s_median", "ttft_p50_s",
-            "peak_running", "peak_decoding_client")
-    st = res["settings"]
-    return {**{k: ratio(s[k], n[k]) for k in keys},
-            "capacity": ratio(st["capacity_speckv"], st["capacity_none"]),
-            "theoretical_tokens": round(st["tokens_full"] / st["tokens_speckv"], 2),
-            "select_share_of_prefill": ratio(s["select_ms_median"], prefill),
-            "lone_select_share_of_prefill": ratio(lone_sel, prefill)}
+def fmt(v: Any, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec) if isinstance(v, float) else str(v)
+
+
+def describe(m: str, st: dict[str, Any]) -> str:
+    """The budget of method ``m`` in words."""
+    C = st["kv_budget"]
+    return {"streamingllm": f"streamingllm C={C}", "snapkv": f"snapkv C={C}",
+            "speckv": f"SpecKV C={C} n={st['lookahead']}",
+            "speckv_pc": f"speckv_pc C={C} n={st['cascade_lookahead']} after a "
+                         f"{st['cascade_prompt_budget']}-token prompt budget",
+            "specpc": f"specpc prompt budget {st['prompt_budget']} (prompt tokens kept, "
+                      "not KV entries)"}.get(m, m)
 
 
 def print_table(res: dict[str, Any]) -> None:
-    n, s = res["runs"]["none"]["summary"], res["runs"]["speckv"]["summary"]
-    r, st = res["ratios"], res["settings"]
-
-    def f(v: Any, fmt: str = ".2f") -> str:
-        return "-" if v is None else format(v, fmt) if isinstance(v, float) else str(v)
-
-    rows = [("output tokens/s", "output_tok_s", "output_tok_s", ">= 4x"),
-            ("decode tokens/s (system)", "decode_tok_s", "decode_tok_s", ""),
-            ("decode tokens/s per request (p50)", "per_request_decode_tok_s_median",
-             "per_request_decode_tok_s_median", ""),
-            ("wall (s)", "wall_s", None, ""), ("TTFT p50 (s)", "ttft_p50_s", "ttft_p50_s", ""),
-            ("TTFT p90 (s)", "ttft_p90_s", None, ""), ("TTFT max (s)", "ttft_max_s", None, ""),
-            ("peak running, target engine", "peak_running", "peak_running",
-             f">= 10x (theory {r['theoretical_tokens']:.1f}x)"),
-            ("peak decoding at once (client)", "peak_decoding_client", "peak_decoding_client",
-             ""),
-            ("peak waiting, target", "peak_waiting", None, ""),
-            ("peak KV blocks used, target", "peak_kv_used_blocks", None, ""),
-            ("preemptions", "preemptions", None, ""),
-            ("foreign cores (other processes)", "foreign_cores", None, "")]
-    head = f"{'':<36}{'none':>10}{'speckv':>10}{'ratio':>9}  goal"
+    st, methods = res["settings"], res["settings"]["methods"]
+    others, rb, r = methods[1:], res["ratios_by_method"], res["ratios"]
+    val = {m: {**res["runs"][m]["summary"], "capacity": st[f"capacity_{m}"],
+               "tokens": st["tokens_full" if m == "none" else f"tokens_{m}"]} for m in methods}
+    rat = {m: {**rb[m], "tokens": rb[m]["theoretical_tokens"]} for m in others}
+    th = f"{r['theoretical_tokens']:.1f}x" if r else ""
+    rows = [("output tokens/s", "output_tok_s", True, ">= 4x"),
+            ("decode tokens/s (system)", "decode_tok_s", True, ""),
+            ("decode tokens/s per request (p50)", "per_request_decode_tok_s_median", True, ""),
+            ("wall (s)", "wall_s", False, ""), ("TTFT p50 (s)", "ttft_p50_s", True, ""),
+            ("TTFT p90 (s)", "ttft_p90_s", False, ""), ("TTFT max (s)", "ttft_max_s", False, ""),
+            ("peak running, target engine", "peak_running", True, f">= 10x (theory {th})"),
+            ("peak decoding at once (client)", "peak_decoding_client", True, ""),
+            ("peak waiting, target", "peak_waiting", False, ""),
+            ("peak KV blocks used, target", "peak_kv_used_blocks", False, ""),
+            ("preemptions", "preemptions", False, ""),
+            ("foreign cores (other processes)", "foreign_cores", False, ""),
+            ("requests failed", "requests_failed", False, ""),
+            ("approx applied", "approx_applied", False, ""),
+            ("resident capacity from blocks", "capacity", True,
+             f"theory {st['tokens_full']}/{st.get('tokens_speckv')} = {th}"),
+            ("KV tokens per request (theory)", "tokens", True, "")]
+    single = len(others) == 1  # none vs one method: one table, as in issue 5
+    vcols = [(m, val[m], max(10, len(m) + 2), False) for m in methods]
+    rcols = [("ratio" if single else m, rat[m], max(9, len(m) + 2), True) for m in others]
     print(f"\n{res['requests']} concurrent x {st['prompt_tokens']}-token prompts, "
-          f"{st['max_tokens']} output tokens, SpecKV C={st['kv_budget']} n={st['lookahead']} "
-          f"draft {st['draft_layers']}; pool {st['pool_blocks_reported']} blocks of "
-          f"{st['block_size']}, max_num_seqs {st['max_num_seqs']}\n{head}\n{'-' * len(head)}")
-    for label, key, rkey, goal in rows:
-        print(f"{label:<36}{f(n.get(key)):>10}{f(s.get(key)):>10}"
-              f"{f(r.get(rkey) if rkey else None):>9}  {goal}")
-    print(f"{'resident capacity from blocks':<36}{st['capacity_none']:>10}"
-          f"{st['capacity_speckv']:>10}{f(r['capacity']):>9}  "
-          f"theory {st['tokens_full']}/{st['tokens_speckv']} = "
-          f"{r['theoretical_tokens']:.1f}x")
-    lone = res["lone"]
-    print(f"\nSpecKV medians (concurrent): draft {f(s['draft_ms_median'], '.0f')} ms, score "
-          f"{f(s['score_ms_median'], '.0f')} ms, select {f(s['select_ms_median'], '.1f')} ms, "
-          f"KV blocks {f(s['kv_blocks_before_median'], '.0f')} -> "
-          f"{f(s['kv_blocks_after_median'], '.0f')}; applied {s['approx_applied']}/"
-          f"{s['requests_ok']}")
-    print(f"target prefill (lone none, TTFT max_tokens=1): {lone['none']['ttft_ms']} ms; "
-          f"select / prefill = {f(r['select_share_of_prefill'], '.1%')} concurrent, "
-          f"{f(r['lone_select_share_of_prefill'], '.1%')} lone (goal <= 10%)")
+          f"{st['max_tokens']} output tokens,{' ' if single else chr(10)}"
+          f"{'; '.join(describe(m, st) for m in others)}; draft {st['draft_layers']}; pool "
+          f"{st['pool_blocks_reported']} blocks of {st['block_size']}, max_num_seqs "
+          f"{st['max_num_seqs']}")
+    tables = [(vcols + rcols, rows)] if single else [
+        (vcols, rows), (rcols, [row for row in rows if row[2]])]
+    for t, (cols, trows) in enumerate(tables):
+        goal = bool(r) and t == len(tables) - 1  # issue 5's goals, for speckv
+        head = (f"{'ratio vs none' if t else '':<36}" + "".join(f"{h:>{w}}" for h, _, w, _ in cols)
+                + ("  goal" + ("" if single else " (speckv)") if goal else ""))
+        print(f"{chr(10) if t else ''}{head}\n{'-' * len(head)}")
+        for label, key, has_ratio, g in trows:
+            cells = "".join(f"{fmt(d.get(key) if has_ratio or not is_r else None):>{w}}"
+                            for _, d, w, is_r in cols)
+            print(f"{label:<36}{cells}" + (f"  {g}" if goal and g else ""))
+    print()
+    for m in others:
+        s = {k: val[m][f"{k}_median"] for k in ("draft_ms", "score_ms", "select_ms",
+                                                "prompt_tokens_kept", "kv_blocks_before")}
+        parts = [f"{name} {fmt(s[k], spec)} {unit}" for name, k, spec, unit in (
+            ("draft", "draft_ms", ".0f", "ms"), ("score", "score_ms", ".0f", "ms"),
+            ("select", "select_ms", ".1f", "ms"), ("prompt kept", "prompt_tokens_kept", ".0f",
+                                                   "tokens"))
+            if s[k] is not None and (k != "prompt_tokens_kept" or "pc" in m)]
+        if s["kv_blocks_before"] is not None:
+            parts.append(f"KV blocks {fmt(s['kv_blocks_before'], '.0f')} -> "
+                         f"{fmt(val[m]['kv_blocks_after_median'], '.0f')}")
+        print(f"{'SpecKV' if m == 'speckv' else m} medians (concurrent): {', '.join(parts)}; "
+              f"applied {val[m]['approx_applied']}/{val[m]['requests_ok']}"
+              + "".join(f"\n  error: {e}" for e in val[m]["errors"]))
+    if r:
+        print(f"target prefill (lone none, TTFT max_tokens=1): {res['lone']['none']['ttft_ms']}"
+              f" ms; select / prefill = {fmt(r['select_share_of_prefill'], '.1%')} concurrent, "
+              f"{fmt(r['lone_select_share_of_prefill'], '.1%')} lone (goal <= 10%)")
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
@@ -308,32 +391,34 @@ def plot(res: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs, st = res["runs"], res["settings"]
-    colors = {"none": "tab:grey", "speckv": "tab:blue"}
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    methods = st["methods"]
+    w = 0.76 / len(methods)
+    fig, axes = plt.subplots(1, 3, figsize=(13 + len(methods) - 2, 4))
     panels = ((("output tok/s", "output_tok_s"), ("decode tok/s", "decode_tok_s")),
               (("TTFT p50 (s)", "ttft_p50_s"), ("TTFT p90 (s)", "ttft_p90_s")))
     for ax, bars in zip(axes[:2], panels, strict=True):
         for i, (_, key) in enumerate(bars):
-            for j, m in enumerate(METHODS):
-                ax.bar(i + (j - 0.5) * 0.38, runs[m]["summary"][key] or 0, 0.38,
-                       color=colors[m], label=m if i == 0 else None)
+            for j, m in enumerate(methods):
+                ax.bar(i + (j - (len(methods) - 1) / 2) * w, runs[m]["summary"][key] or 0, w,
+                       color=COLORS[m], label=m if i == 0 else None)
         ax.set_xticks([0, 1])
         ax.set_xticklabels([label for label, _ in bars])
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     ax = axes[2]
-    for m in METHODS:
+    for m in methods:
         tl = [s for s in runs[m]["timeline"] if "running" in s]
         ax.step([s["t"] for s in tl], [s["running"] for s in tl], where="post",
-                color=colors[m], label=f"{m} (capacity {st[f'capacity_{m}']})")
-    ax.set_xlabel("s since the first request")
+                color=COLORS[m], label=f"{m} (capacity {st[f'capacity_{m}']})")
+    ax.set_xlabel("s since the method's first request")
     ax.set_ylabel("requests running, target engine")
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.suptitle(f"SpecKV C={st['kv_budget']} vs full KV: {res['requests']} x "
-                 f"{st['prompt_tokens']} tokens, {st['max_tokens']} out, "
-                 f"pool {st['pool_blocks_reported']} blocks")
+    sep = ": " if len(methods) <= 3 else "\n"
+    fig.suptitle(f"{'; '.join(describe(m, st) for m in methods[1:])} vs full KV{sep}"
+                 f"{res['requests']} x {st['prompt_tokens']} tokens, {st['max_tokens']} out, "
+                 f"pool {st['pool_blocks_reported']} blocks", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -344,7 +429,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=4096)
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--kv-budget", type=int, default=256)
+    p.add_argument("--methods", type=parse_methods, default="none,speckv",
+                   help=f"comma-separated, of {','.join(METHODS)}; none always runs first")
+    p.add_argument("--kv-budget", type=int, default=256, help="C of every KV method")
+    p.add_argument("--prompt-budget", type=int, default=1024,
+                   help="specpc's budget: prompt tokens kept (not KV entries)")
+    p.add_argument("--cascade-prompt-budget", type=int, default=2048,
+                   help="speckv_pc's SpecPC-stage prompt budget")
     p.add_argument("--lookahead", type=int, default=16, help="draft tokens n")
     p.add_argument("--draft-layers", default="8", help="k (--draft.num_layers k) or 'full'")
     p.add_argument("--block-size", type=int, default=32)
@@ -366,35 +457,45 @@ def main(argv: list[str] | None = None) -> int:
     per_full = cdiv(P + M, bs)
     blocks = round(args.pool_full_requests * per_full)
     gib = args.kv_cache_gib or ((blocks + 1.5) * bs * tb / GiB)  # + vLLM's null block
-    max_len = cdiv(P + max(M, args.lookahead) + 256, bs) * bs
+    # speckv_pc runs with its served default lookahead (20)
+    n_pc = yaml.safe_load((REPO / "configs/methods/speckv_pc.yaml").read_text())["lookahead"]
     layers = None if args.draft_layers.lower() in ("full", "30") else int(args.draft_layers)
+    methods = args.methods
+    plans = {m: method_plan(m, args, layers) for m in methods}
+    max_len = cdiv(P + max(M, args.lookahead, n_pc if "speckv_pc" in methods else 0) + 256,
+                   bs) * bs
     server_args = ["--target.kv_cache_memory_gib", f"{gib:.6f}", "--target.block_size", str(bs),
                    "--target.max_num_seqs", str(args.max_num_seqs),
                    "--target.max_model_len", str(max_len), *draft_server_args(layers)]
-    approx = {"method": "speckv", "kv_budget": C, "lookahead": args.lookahead}
     settings: dict[str, Any] = {
         "prompt_tokens": P, "max_tokens": M, "kv_budget": C, "lookahead": args.lookahead,
         "draft_layers": args.draft_layers, "block_size": bs, "max_num_seqs": args.max_num_seqs,
         "kv_token_bytes": tb, "kv_cache_memory_gib": round(gib, 6), "pool_blocks_planned": blocks,
-        "max_model_len": max_len, "server_args": server_args, "approx": approx,
-        "tokens_full": P + M, "tokens_speckv": C + M,
-        "blocks_per_request_none": per_full, "blocks_per_request_speckv": cdiv(C + 1 + M, bs)}
+        "max_model_len": max_len, "server_args": server_args,
+        "approx": plans["speckv"]["approx"] if "speckv" in plans else None,
+        "tokens_full": P + M,
+        **{f"tokens_{m}": plans[m]["tokens"] for m in methods[1:]},
+        **{f"blocks_per_request_{m}": plans[m]["blocks"] for m in methods},
+        "methods": methods, "prompt_budget": args.prompt_budget,
+        "cascade_prompt_budget": args.cascade_prompt_budget, "cascade_lookahead": n_pc,
+        "approx_by_method": {m: plans[m]["approx"] for m in methods}}
 
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(MODEL_DIR))
     with Server(server_args) as srv:
         before = load_snapshot()
-        res = asyncio.run(bench(args, srv, tok, approx, settings))
+        res = asyncio.run(bench(args, srv, tok, settings["approx_by_method"], settings))
     pool = int(settings["pool_blocks_reported"] or blocks)
-    for m in METHODS:
+    for m in methods:
         # KV blocks only; --max-num-seqs caps what can be observed at once
         settings[f"capacity_{m}"] = pool // settings[f"blocks_per_request_{m}"]
     res = {"description": __doc__.split("\n\n")[0], "machine": machine_info(),
            "command": " ".join(["python", "scripts/bench_speckv.py", *(argv or sys.argv[1:])]),
            "requests": args.requests, "server_startup_s": srv.startup_s,
            "load_before": before, "load_after": load_snapshot(), **res}
-    res["ratios"] = derive(res)
+    by_method = {m: derive(res, m) for m in methods[1:]}
+    res.update(ratios=by_method.get("speckv", {}), ratios_by_method=by_method)  # issue 5's keys
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1) + "\n")
     print_table(res)
