@@ -45,6 +45,9 @@ class EngineConfig(_Strict):
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     enforce_eager: bool = True
+    load_format: Literal["auto", "safetensors", "dummy"] = Field(
+        "auto", description="'dummy': random weights of the model's config (speed benchmarks "
+        "of shapes that have no checkpoint here; replies are noise)")
     seed: int = 0
     tensor_parallel_size: int = Field(1, ge=1)
     num_layers: int | None = Field(

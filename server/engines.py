@@ -39,6 +39,8 @@ def _engine_flags(e: EngineConfig) -> list[str]:
         flags += ["--max-num-batched-tokens", str(e.max_num_batched_tokens)]
     if e.block_size is not None:
         flags += ["--block-size", str(e.block_size)]
+    if e.load_format != "auto":
+        flags += ["--load-format", e.load_format]
     return flags
 
 
