@@ -8,13 +8,22 @@ referee's; with ``C = L - 1`` the output equals plain vLLM with the same TP engi
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from specapprox_vllm.policies import build_policy, make_approx_config
 from tests.test_speckv_vllm import generate, serve_compacted, target_engine
 
-pytestmark = pytest.mark.server
+pytestmark = [
+    pytest.mark.server,
+    # Opt-in: alone it passes in ~40 s, but in one full CI run (heavy load, other engines
+    # alive) rank 0's worker never finished starting and the test hung until its timeout;
+    # the cause is not diagnosed yet (docs/speckv.md, "Tensor parallelism").
+    pytest.mark.skipif(os.environ.get("SPECAPPROX_TP_TEST") != "1",
+                       reason="TP=2 engine test is opt-in: set SPECAPPROX_TP_TEST=1"),
+]
 
 
 @pytest.mark.timeout(900)
