@@ -72,11 +72,12 @@ class ApproxEngineClient:
                                                   **kwargs):
                 yield out
             return
-        plan = await self.scheduler.plan(list(token_ids), sampling_params, cfg, request_id)
+        token_ids = list(token_ids)
+        plan = await self.scheduler.plan(token_ids, sampling_params, cfg, request_id)
         if ctx is not None:
             ctx.stats.append(plan.stats)
         target_prompt = prompt
-        if plan.prompt_token_ids != list(token_ids) or plan.cache_salt is not None:
+        if plan.prompt_token_ids != token_ids or plan.cache_salt is not None:
             target_prompt = {k: v for k, v in prompt.items()
                              if k not in ("prompt", "prompt_token_offsets")}
             target_prompt["prompt_token_ids"] = plan.prompt_token_ids
@@ -89,7 +90,7 @@ class ApproxEngineClient:
                 if out.finished and plan.on_output is not None:
                     plan.on_output(out)
                 if target_prompt is not prompt:
-                    out.prompt_token_ids = list(token_ids)
+                    out.prompt_token_ids = list(token_ids)  # a copy per output
                     if prompt.get("prompt") is not None:
                         out.prompt = prompt["prompt"]
                 yield out

@@ -66,14 +66,12 @@ STEP_ROWS: dict[int, CaptureSpec] = {}
 CAPTURES: OrderedDict[str, Capture] = OrderedDict()
 
 
-def publish_step(req_ids: list[str | None], requests: dict[str, Any]) -> None:
-    """Record which batch rows of this step are flagged (called once per model step)."""
+def publish_step(extras: dict[int, dict[str, Any]]) -> None:
+    """Record which batch rows of this step are flagged (called once per model step with
+    ``vllm_compat.step_extra_args``)."""
     STEP_ROWS.clear()
-    for i, rid in enumerate(req_ids):
-        state = requests.get(rid) if rid is not None else None
-        params = getattr(state, "sampling_params", None)
-        extra = getattr(params, "extra_args", None)
-        if extra and EXTRA_KEY in extra:
+    for i, extra in extras.items():
+        if EXTRA_KEY in extra:
             STEP_ROWS[i] = CaptureSpec.from_extra(extra[EXTRA_KEY])
 
 

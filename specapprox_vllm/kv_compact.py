@@ -79,15 +79,14 @@ _ROPE: dict[str, Any] = {}  # layer name -> rotary module (found through the mod
 _RUNNER: list[Any] = []
 
 
-def publish_step(req_ids: list[str | None], requests: dict[str, Any], runner: Any) -> None:
-    """Record which batch rows of this step are scoring requests (once per model step)."""
+def publish_step(extras: dict[int, dict[str, Any]], runner: Any) -> None:
+    """Record which batch rows of this step are scoring requests (once per model step, with
+    ``vllm_compat.step_extra_args``); the runner is kept to find the model's rotary module."""
     STEP_ROWS.clear()
     if not _RUNNER:
         _RUNNER.append(runner)
-    for i, rid in enumerate(req_ids):
-        state = requests.get(rid) if rid is not None else None
-        extra = getattr(getattr(state, "sampling_params", None), "extra_args", None)
-        if extra and EXTRA_KEY in extra:
+    for i, extra in extras.items():
+        if EXTRA_KEY in extra:
             STEP_ROWS[i] = KVSpec(**extra[EXTRA_KEY])
 
 

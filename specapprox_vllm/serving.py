@@ -18,6 +18,13 @@ from specapprox_vllm.policies import ApproxConfig, build_policy
 KV_METHODS = ("speckv", "snapkv", "streamingllm", "speckv_pc")
 
 
+def check_start_layer(cfg: ApproxConfig, draft: DraftRunner) -> None:
+    """SpecPC scoring (alone or in the cascade) records draft layers ``>= start_layer``."""
+    if cfg.start_layer >= draft.num_layers:
+        raise ValueError(f"start_layer: {cfg.start_layer} must be below the draft's "
+                         f"{draft.num_layers} layers")
+
+
 class SpecPCHandler:
     """SpecPC: the draft scores the prompt inside vLLM; the target serves ``P[idx]``."""
 
@@ -25,9 +32,7 @@ class SpecPCHandler:
         self.runner = runner
 
     def validate(self, cfg: ApproxConfig) -> None:
-        if cfg.start_layer >= self.runner.num_layers:
-            raise ValueError(f"start_layer: {cfg.start_layer} must be below the draft's "
-                             f"{self.runner.num_layers} layers")
+        check_start_layer(cfg, self.runner)
 
     async def __call__(self, prompt_ids: list[int], sampling_params: Any, cfg: ApproxConfig,
                        request_id: str) -> Plan:
@@ -65,13 +70,11 @@ class KVHandler:
         self.block_size = int(cache.block_size)
         # bytes of one token's K and V over all layers and KV heads (for kv_bytes_saved)
         self.token_bytes = (2 * self.kv.num_layers * model.get_total_num_kv_heads()
-                            * model.get_head_size() * _dtype_bytes(model.dtype))
+                            * model.get_head_size() * model.dtype.itemsize)
 
     def validate(self, cfg: ApproxConfig) -> None:
-        if cfg.method == "speckv_pc" and self.draft is not None and (
-                cfg.start_layer >= self.draft.num_layers):
-            raise ValueError(f"start_layer: {cfg.start_layer} must be below the draft's "
-                             f"{self.draft.num_layers} layers")
+        if cfg.method == "speckv_pc" and self.draft is not None:
+            check_start_layer(cfg, self.draft)
 
     async def _draft(self, policy: Any, prompt_ids: list[int], sampling_params: Any,
                      cfg: ApproxConfig, request_id: str) -> tuple[list[int], list[int], float]:
@@ -138,12 +141,6 @@ class KVHandler:
                                        handle.retried_without_prefix_cache},
                     sampling_params=params, cache_salt=salt, on_output=on_output,
                     release=release)
-
-
-def _dtype_bytes(dtype: Any) -> int:
-    import torch
-
-    return torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 4
 
 
 def register_methods(scheduler: DraftScheduler, target: Any, draft: Any | None) -> None:

@@ -8,6 +8,8 @@ so an upgrade fails loudly instead of silently serving wrong results.
 
 from __future__ import annotations
 
+from typing import Any
+
 SUPPORTED_VLLM_SERIES = "0.32."
 
 # (module, attribute) pairs the product uses; checked by tests/test_vllm_compat.py.
@@ -79,6 +81,19 @@ def install_hooks() -> None:
 _RUNNER_PATCHED = False
 
 
+def step_extra_args(req_ids: list[str | None], requests: dict[str, Any]
+                    ) -> dict[int, dict[str, Any]]:
+    """Batch row -> ``SamplingParams.extra_args`` of the rows that have any, from the V1
+    runner's own request state (the attention metadata carries no request ids)."""
+    out = {}
+    for i, rid in enumerate(req_ids):
+        state = requests.get(rid) if rid is not None else None
+        extra = getattr(getattr(state, "sampling_params", None), "extra_args", None)
+        if extra:
+            out[i] = extra
+    return out
+
+
 def patch_model_runner() -> None:
     """Wrap the V1 model runner's ``_prepare_inputs`` to publish which batch rows belong to
     flagged requests (SpecPC draft capture, SpecKV scoring): attention metadata has no
@@ -99,9 +114,10 @@ def patch_model_runner() -> None:
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):  # type: ignore[no-untyped-def]
         out = original(self, scheduler_output, num_scheduled_tokens)
-        req_ids = list(self.input_batch.req_ids[: self.input_batch.num_reqs])
-        capture.publish_step(req_ids, self.requests)
-        kv_compact.publish_step(req_ids, self.requests, self)
+        extras = step_extra_args(self.input_batch.req_ids[: self.input_batch.num_reqs],
+                                 self.requests)
+        capture.publish_step(extras)
+        kv_compact.publish_step(extras, self)
         return out
 
     GPUModelRunner._prepare_inputs = _prepare_inputs
