@@ -8,10 +8,12 @@ them with RULER's string match, drops (task, length) cells where full attention 
 ``--min-full`` (and says so), and reports the mean accuracy per setting, per task and per
 length.
 
-Within a case, ``none`` goes first and the other settings follow one at a time, so the
-target's (and draft's) prefix caches serve the shared prompt; cases run ``--concurrency`` at a
-time. Records are appended to ``<out>.records.jsonl`` as they finish, and ``--resume`` skips
-those already there, so a long sweep can be stopped and continued.
+The sweep runs in two phases: full attention (``none``) on every case first, which fixes the
+calibration; then the other settings only on the cells it kept (a dropped cell's numbers
+would not enter the table anyway). Within a case the settings run one at a time, so the
+draft's prefix cache serves the shared prompt; cases run ``--concurrency`` at a time.
+Records are appended to ``<out>.records.jsonl`` as they finish, and ``--resume`` skips those
+already there, so a long sweep can be stopped and continued.
 
 Usage::
 
@@ -76,7 +78,6 @@ async def serve_case(client: Any, model: str, case: EvalCase, todo: list[Setting
 
 async def run(args: argparse.Namespace, base_url: str, out: Path) -> list[dict[str, Any]]:
     import openai
-    from tqdm import tqdm
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
@@ -90,36 +91,54 @@ async def run(args: argparse.Namespace, base_url: str, out: Path) -> list[dict[s
                 done[record_key(r)] = r
     elif jsonl.exists():
         jsonl.unlink()
+    records = list(done.values())
+    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=args.api_key or "none",
+                                max_retries=0, timeout=args.timeout)
+    full = [s for s in grid if s.method == "none"]
+    rest = [s for s in grid if s.method != "none"]
+    with jsonl.open("a") as fh:
+        def sink(rec: dict[str, Any]) -> None:
+            records.append(rec)
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+
+        await _serve_phase("full attention (calibration)", args, tok, client, full, done,
+                           None, sink)
+        ok = [r for r in records if "error" not in r]
+        kept = {tuple(c) for c in summarize(ok, args.min_full)["kept_cells"]}
+        print(f"calibration keeps {len(kept)} cells: {sorted(kept)}", flush=True)
+        await _serve_phase("approximations", args, tok, client, rest, done, kept, sink)
+    return records
+
+
+async def _serve_phase(name: str, args: argparse.Namespace, tok: Any, client: Any,
+                       grid: list[Setting], done: dict[Any, Any],
+                       cells: set[tuple[str, int]] | None, sink: Any) -> None:
+    """Serve ``grid`` on every case of ``cells`` (None: all) not already in ``done``."""
+    from tqdm import tqdm
+
     jobs = []
     # sample-major order: a sweep stopped early still covers every cell evenly
     for i in range(args.samples):
         seed = args.seed0 + i
         for task in args.tasks.split(","):
             for length in _ints(args.lengths):
+                if cells is not None and (task, length) not in cells:
+                    continue
                 todo = [s for s in grid if (s.label, task, length, seed) not in done]
                 if todo:
                     jobs.append((make_case(task, tok, length, seed), todo))
     total = sum(len(t) for _, t in jobs)
-    print(f"{len(grid)} settings, {len(jobs)} cases to serve, {total} requests "
-          f"({len(done)} already done)", flush=True)
-    records = list(done.values())
-    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=args.api_key or "none",
-                                max_retries=0, timeout=args.timeout)
-    with jsonl.open("a") as fh, tqdm(total=total, unit="req", file=sys.stdout) as bar:
-        def sink(rec: dict[str, Any]) -> None:
-            records.append(rec)
-            fh.write(json.dumps(rec) + "\n")
-            fh.flush()
-
-        gate = asyncio.Semaphore(args.concurrency)
-
+    print(f"{name}: {len(grid)} settings, {len(jobs)} cases to serve, {total} requests",
+          flush=True)
+    gate = asyncio.Semaphore(args.concurrency)
+    with tqdm(total=total, unit="req", file=sys.stdout) as bar:
         async def one(case: EvalCase, todo: list[Setting]) -> None:
             async with gate:
                 await serve_case(client, args.model, case, todo, args.cascade_prompt_budget,
                                  sink, bar)
 
         await asyncio.gather(*[one(c, t) for c, t in jobs])
-    return records
 
 
 def print_table(summary: dict[str, Any]) -> None:

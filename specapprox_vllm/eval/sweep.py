@@ -74,7 +74,8 @@ def summarize(records: list[dict[str, Any]], min_full: float = 0.5) -> dict[str,
     kept, dropped = calibrate(means, min_full)
     counts: dict[tuple[str, str, int], int] = defaultdict(int)
     for r in records:
-        counts[(r["setting"], r["task"], r["length"])] += 1
+        if (r["task"], r["length"]) in kept:  # dropped cells are not in the table
+            counts[(r["setting"], r["task"], r["length"])] += 1
     labels = list(dict.fromkeys(r["setting"] for r in records))
     table: dict[str, Any] = {}
     for label in labels:
