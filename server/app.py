@@ -1,20 +1,25 @@
 """Assembling the HTTP app: vLLM's OpenAI app around our engine client, plus our middleware.
 
-Layers, outermost first: authentication (OpenAI error shape, every route but ``/health``) ->
-``approx`` request/response extension -> vLLM's FastAPI app (chat, completions, models,
-health, metrics, tokenize ...), whose ``engine_client`` is :class:`ApproxEngineClient`.
+Layers, outermost first: metrics -> request id, log line and 500 guard -> authentication
+(OpenAI error shape, every route but ``/health``) -> admission (bounded queue, 429, deadline,
+fail fast on a dead engine) -> ``approx`` request/response extension -> vLLM's FastAPI app
+(chat, completions, models, health, metrics, tokenize ..., plus our ``/specapprox/state``),
+whose ``engine_client`` is :class:`ApproxEngineClient`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 from server.approx_api import ApproxMiddleware, Receive, Scope, Send, send_error
 from server.config import ServerConfig
 from server.engine_client import ApproxEngineClient
+from server.guard import Admission, AdmissionMiddleware, RequestContextMiddleware
 from server.metrics import instrument
+from server.state import collect_state
 from specapprox_vllm.draft_scheduler import DraftScheduler
 from specapprox_vllm.policies import load_method_defaults, make_approx_config
 
@@ -44,21 +49,41 @@ class BearerAuthMiddleware:
         await self.app(scope, receive, send)
 
 
+@dataclass
+class ServerApp:
+    """What :func:`build_server_app` assembles: the ASGI app to serve, vLLM's FastAPI app
+    inside it, the engine client and the admission state."""
+
+    asgi: Any
+    fastapi: Any
+    client: ApproxEngineClient
+    admission: Admission
+
+
+def add_state_route(app: Any, client: ApproxEngineClient, admission: Admission) -> None:
+    from fastapi.responses import JSONResponse
+
+    async def specapprox_state(probe: bool = False) -> JSONResponse:
+        return JSONResponse(await collect_state(client, admission, probe))
+
+    app.add_api_route("/specapprox/state", specapprox_state, methods=["GET"],
+                      summary="engines' KV use, stored compacted KV, queue, memory")
+
+
 async def build_server_app(
     cfg: ServerConfig, vllm_args: Any, target: Any, draft: Any | None = None
-) -> tuple[Any, ApproxEngineClient]:
-    """The ASGI app to serve (vLLM's FastAPI app wrapped in our middleware) and the engine
-    client it uses."""
+) -> ServerApp:
+    """vLLM's FastAPI app wrapped in our middleware, around our engine client."""
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.app import build_app
 
     method_defaults = load_method_defaults(cfg.approx.methods_dir)
     default_cfg = make_approx_config(cfg.approx.default_method, None,
                                      method_defaults.get(cfg.approx.default_method))
-    scheduler = DraftScheduler(draft)
+    scheduler = DraftScheduler(draft, on_draft_failure=cfg.approx.on_draft_failure)
     from specapprox_vllm.serving import register_methods
 
-    register_methods(scheduler, target, draft)
+    register_methods(scheduler, target, draft, draft_timeout_s=cfg.approx.draft_timeout_s)
     scheduler.check_supported(cfg.approx.default_method)
     client = ApproxEngineClient(target, scheduler, default_cfg, draft)
 
@@ -66,12 +91,17 @@ async def build_server_app(
     app = build_app(vllm_args, supported_tasks, target.model_config)
     await init_app_state(client, app.state, vllm_args, supported_tasks)
     app.state.specapprox_config = cfg
+    admission = Admission(cfg.server.max_active_requests, cfg.server.max_queued_requests,
+                          cfg.server.request_timeout_s)
+    add_state_route(app, client, admission)
     # vLLM's app has built its middleware stack by now, so ours wrap it from outside.
     asgi: Any = ApproxMiddleware(app, scheduler=scheduler,
                                  default_method=cfg.approx.default_method,
                                  method_defaults=method_defaults, max_body_bytes=MAX_BODY_BYTES)
+    asgi = AdmissionMiddleware(asgi, admission, client)
     if cfg.server.api_key:
         asgi = BearerAuthMiddleware(asgi, api_key=cfg.server.api_key)
-    # Outermost, so that rejected (401, 400, 413) requests are counted too.
+    asgi = RequestContextMiddleware(asgi)
+    # Outermost, so that rejected (401, 400, 413, 429) requests are counted too.
     asgi = instrument(asgi, {"target": target, "draft": draft})
-    return asgi, client
+    return ServerApp(asgi, app, client, admission)

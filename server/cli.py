@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from server.config import PROJECT_ROOT, ConfigError, _parse_scalar, env_name, leaf_keys, load_config
 
@@ -52,7 +55,24 @@ def parse_config(argv: list[str] | None = None):
     return load_config(args.config, overrides)
 
 
-async def serve(cfg) -> None:
+async def _watch_engines(server: Any, client: Any, exit_on_death: bool) -> None:
+    """Engine death: ``/health`` answers 503 and requests fail fast (``server/guard.py``) as
+    soon as vLLM marks an engine errored; with ``exit_on_engine_death`` the server also exits
+    (a non-zero status), for orchestrators that restart on exit."""
+    while True:
+        await asyncio.sleep(1.0)
+        if client.errored:
+            log.error("an engine process has died: /health now answers 503%s",
+                      "; exiting" if exit_on_death else "")
+            if exit_on_death:
+                server.exit_code = 3
+                server.should_exit = True
+            return
+
+
+async def serve(cfg) -> int:
+    """Start both engines, serve until SIGTERM/SIGINT (uvicorn drains in-flight requests for
+    up to ``shutdown_timeout_s``), then stop the engines, whatever happened."""
     import uvicorn
 
     from server.app import build_server_app
@@ -63,37 +83,68 @@ async def serve(cfg) -> None:
 
     # The draft starts first: each engine's Prometheus logger resets vLLM's `vllm:*` series
     # when it is created, and those series should describe the target.
-    draft = start_engine(draft_engine_args(cfg), "draft") if needs_draft(cfg) else None
-    target = None
+    draft = target = watchdog = None
     try:
+        draft = start_engine(draft_engine_args(cfg), "draft") if needs_draft(cfg) else None
         target = start_engine(AsyncEngineArgs.from_cli_args(vllm_args), "target")
-        app, client = await build_server_app(cfg, vllm_args, target, draft)
-        config = uvicorn.Config(app, host=cfg.server.host, port=cfg.server.port,
+        built = await build_server_app(cfg, vllm_args, target, draft)
+        config = uvicorn.Config(built.asgi, host=cfg.server.host, port=cfg.server.port,
                                 log_level=cfg.server.log_level, access_log=False,
-                                timeout_graceful_shutdown=30)
+                                timeout_graceful_shutdown=cfg.server.shutdown_timeout_s)
         server = uvicorn.Server(config)
+        server.exit_code = 0
+        built.fastapi.state.server = server  # vLLM's engine-error handler reads it
+        watchdog = asyncio.ensure_future(
+            _watch_engines(server, built.client, cfg.server.exit_on_engine_death))
         log.info("serving %s on http://%s:%d", cfg.server.served_model_name,
                  cfg.server.host, cfg.server.port)
         await server.serve()
+        log.info("HTTP server stopped; stopping the engines")
+        return server.exit_code
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         for engine in (draft, target):
             if engine is not None:
-                engine.shutdown()
+                with contextlib.suppress(Exception):
+                    engine.shutdown()
+
+
+def _terminate_during_startup(signum: int, frame: Any) -> None:
+    # Until uvicorn installs its own handlers: unwind through serve()'s `finally`, which
+    # stops the engines already started, instead of dying and orphaning them.
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # Our own handler on the "specapprox" logger: vLLM's and uvicorn's logging set-up replace
+    # the root logger's handlers, which silently dropped our INFO lines (request log).
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    ours = logging.getLogger("specapprox")
+    ours.addHandler(handler)
+    ours.propagate = False
     try:
         cfg = parse_config(argv)
     except ConfigError as e:
         print(f"specapprox-serve: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    ours.setLevel(cfg.server.log_level.upper())
     os.chdir(Path(PROJECT_ROOT))
     # vLLM's CPU workers reserve one core for the front end by default, which on a 2-core
     # machine pins every engine's worker to core 0. Our engines take turns (draft, then
     # target), so let each use all cores unless the operator says otherwise.
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    asyncio.run(serve(cfg))
+    # Engine death is handled by our watchdog (exit or stay up answering 503, per config);
+    # vLLM's own handler would otherwise stop the server on the first failed request.
+    os.environ.setdefault("VLLM_KEEP_ALIVE_ON_ENGINE_DEATH",
+                          "0" if cfg.server.exit_on_engine_death else "1")
+    signal.signal(signal.SIGTERM, _terminate_during_startup)
+    try:
+        code = asyncio.run(serve(cfg))
+    except KeyboardInterrupt:
+        code = 130
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

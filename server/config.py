@@ -67,11 +67,34 @@ class ServerSection(_Strict):
     api_key: str | None = None
     served_model_name: str = "SmolLM2-135M-Instruct"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_active_requests: int = Field(
+        64, ge=1, description="completion requests served at once (draft + target work); "
+        "more wait in the admission queue")
+    max_queued_requests: int = Field(
+        256, ge=0, description="requests waiting for a slot; beyond this the server answers "
+        "429 with Retry-After instead of buffering without bound")
+    request_timeout_s: float | None = Field(
+        600.0, gt=0, description="wall-clock limit per request, queueing included (null: "
+        "none); a request over it is aborted in both engines and answered 504")
+    shutdown_timeout_s: float = Field(
+        30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish before "
+        "they are cancelled and the engines stop")
+    exit_on_engine_death: bool = Field(
+        False, description="exit when an engine process dies (for orchestrators that "
+        "restart on exit); otherwise stay up, /health answers 503 and requests fail fast")
+    cors_allowed_origins: list[str] = Field(
+        default_factory=list, description="origins allowed cross-origin browser access "
+        "(empty: CORS off)")
 
 
 class ApproxSection(_Strict):
     default_method: str = "none"
     methods_dir: str = "configs/methods"
+    on_draft_failure: Literal["fallback", "error"] = Field(
+        "fallback", description="when the draft engine fails or times out: serve the request "
+        "with full attention (usage.approx says so) or answer 503")
+    draft_timeout_s: float | None = Field(
+        120.0, gt=0, description="limit on one request's draft stage (null: none)")
 
     @field_validator("default_method")
     @classmethod

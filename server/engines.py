@@ -61,6 +61,7 @@ def vllm_server_args(cfg: ServerConfig) -> argparse.Namespace:
         "--served-model-name", cfg.server.served_model_name,
         "--host", cfg.server.host, "--port", str(cfg.server.port),
         "--disable-uvicorn-access-log",
+        "--allowed-origins", json.dumps(cfg.server.cors_allowed_origins),
     ]
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(flags)
     validate_parsed_serve_args(args)

@@ -147,6 +147,7 @@ class EngineStatsObserver:
     def __init__(self, engine_label: str, engine: Any) -> None:
         self.label = engine_label
         self.engine = engine
+        self.last: dict[str, int] = {}  # the latest values (``/specapprox/state``)
 
     def _usable_blocks(self) -> int | None:
         cache = getattr(getattr(self.engine, "vllm_config", None), "cache_config", None)
@@ -162,9 +163,13 @@ class EngineStatsObserver:
         ENGINE_RUNNING.labels(self.label).set(scheduler_stats.num_running_reqs)
         usage = float(scheduler_stats.kv_cache_usage)
         KV_USAGE.labels(self.label).set(usage)
+        self.last.update(waiting=scheduler_stats.num_waiting_reqs
+                         + scheduler_stats.num_skipped_waiting_reqs,
+                         running=scheduler_stats.num_running_reqs)
         total = self._usable_blocks()
         if total:
             used = round(usage * total)
+            self.last.update(total=total, used=used)
             KV_BLOCKS.labels(self.label, "total").set(total)
             KV_BLOCKS.labels(self.label, "used").set(used)
             KV_BLOCKS.labels(self.label, "free").set(total - used)
@@ -175,6 +180,7 @@ class EngineStatsObserver:
     def log_engine_initialized(self) -> None:
         total = self._usable_blocks()
         if total:
+            self.last.update(total=total, used=0, running=0, waiting=0)
             KV_BLOCKS.labels(self.label, "total").set(total)
             KV_BLOCKS.labels(self.label, "free").set(total)
             KV_BLOCKS.labels(self.label, "used").set(0)
@@ -184,6 +190,12 @@ class EngineStatsObserver:
 
     def record_admission_rejection(self, reason: str) -> None:
         """Front-end admission rejections already show as 4xx/5xx request counts."""
+
+
+def observer_of(engine: Any) -> EngineStatsObserver | None:
+    """The observer attached to ``engine`` (None when its stats are disabled)."""
+    loggers = getattr(getattr(engine, "logger_manager", None), "stat_loggers", None) or []
+    return next((x for x in loggers if isinstance(x, EngineStatsObserver)), None)
 
 
 def attach_engine_observers(engines: dict[str, Any]) -> None:
@@ -214,4 +226,4 @@ def instrument(app: Any, engines: dict[str, Any]) -> MetricsMiddleware:
 
 
 __all__ = ["METHOD_LABELS", "EngineStatsObserver", "MetricsMiddleware",
-           "attach_engine_observers", "instrument", "observe_stats"]
+           "attach_engine_observers", "instrument", "observe_stats", "observer_of"]

@@ -4,22 +4,43 @@ A scored draft request is an ordinary vLLM request (batched, chunked, prefix-cac
 other) whose ``extra_args`` ask the capture backend for SpecPC token scores; after it
 finishes, the scores are pulled from every worker with ``collective_rpc`` and combined (each
 tensor-parallel rank saw only its own heads; the reduction is a max, so ranks combine by max).
+
+Every public call is bounded by ``timeout_s`` and turns any failure of the draft (an exception,
+a dead engine, a timeout) into :class:`DraftFailure`, so that the scheduler can apply the
+server's ``on_draft_failure`` policy in one place; a timed-out or cancelled draft request is
+aborted in the engine (``AsyncLLM.generate`` aborts on cancellation) and its captured scores
+are dropped.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from specapprox_vllm.capture import EXTRA_KEY, CaptureSpec
 
+T = TypeVar("T")
+
 
 class DraftError(RuntimeError):
     pass
+
+
+class DraftFailure(RuntimeError):
+    """The draft stage of a request failed; ``kind`` is ``draft_error`` or ``draft_timeout``
+    (reported in ``usage.approx.fallback`` when the server falls back)."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
 
 
 @dataclass
@@ -32,8 +53,20 @@ class DraftResult:
 
 
 class DraftRunner:
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, timeout_s: float | None = None) -> None:
         self.engine = engine
+        self.timeout_s = timeout_s
+
+    async def _guarded(self, work: Awaitable[T]) -> T:
+        try:
+            return await asyncio.wait_for(work, self.timeout_s)
+        except asyncio.TimeoutError:
+            raise DraftFailure("draft_timeout",
+                               f"the draft stage took longer than {self.timeout_s} s") from None
+        except DraftFailure:
+            raise
+        except Exception as e:  # noqa: BLE001 - any draft fault is the policy's to handle
+            raise DraftFailure("draft_error", f"{type(e).__name__}: {e}"[:300]) from e
 
     @property
     def num_layers(self) -> int:
@@ -59,10 +92,21 @@ class DraftRunner:
         results = await self.engine.collective_rpc("specapprox_pop_captures", args=([key],))
         return [r[key] for r in results if r and key in r]
 
+    async def _drop_capture(self, key: str) -> None:
+        """Forget what an abandoned request captured (best effort: the engine may be gone)."""
+        with contextlib.suppress(Exception):
+            await self._pop(key)
+
     async def score_prompt(self, prompt_ids: list[int], *, window: int, lookahead: int,
                            start_layer: int, weighted_query: bool,
                            request_id: str) -> DraftResult:
         """Draft ``lookahead`` greedy tokens from ``prompt_ids`` and return SpecPC scores."""
+        return await self._guarded(self._score_prompt(
+            prompt_ids, window, lookahead, start_layer, weighted_query, request_id))
+
+    async def _score_prompt(self, prompt_ids: list[int], window: int, lookahead: int,
+                            start_layer: int, weighted_query: bool,
+                            request_id: str) -> DraftResult:
         t0 = time.perf_counter()
         retried = False
         for skip_cache in (False, True):
@@ -70,8 +114,13 @@ class DraftRunner:
             spec = CaptureSpec(key=key, prompt_len=len(prompt_ids), window=window,
                                lookahead=lookahead, start_layer=start_layer,
                                weighted_query=weighted_query)
-            tokens = await self._generate(prompt_ids, lookahead, f"{request_id}-draft-{key}",
-                                          {EXTRA_KEY: asdict(spec)}, skip_cache)
+            try:
+                tokens = await self._generate(prompt_ids, lookahead,
+                                              f"{request_id}-draft-{key}",
+                                              {EXTRA_KEY: asdict(spec)}, skip_cache)
+            except BaseException:
+                await self._drop_capture(key)
+                raise
             parts = await self._pop(key)
             if not parts:
                 raise DraftError("the draft engine captured no attention scores (is the "
@@ -88,6 +137,7 @@ class DraftRunner:
                        request_id: str) -> DraftResult:
         """Plain greedy draft tokens (SpecKV's lookahead), no capture."""
         t0 = time.perf_counter()
-        tokens = await self._generate(prompt_ids, max_tokens,
-                                      f"{request_id}-draft-{uuid.uuid4().hex}")
+        tokens = await self._guarded(self._generate(prompt_ids, max_tokens,
+                                                    f"{request_id}-draft-{uuid.uuid4().hex}"))
         return DraftResult(tokens, None, 1e3 * (time.perf_counter() - t0))
+

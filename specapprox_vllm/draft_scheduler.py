@@ -6,6 +6,11 @@ target engine is handed: the prompt as is (``none``, or a prompt already within 
 an approximated request prepared with the draft engine's help (later methods). It returns a
 :class:`Plan` (the prompt and sampling parameters for the target, plus the statistics that end
 up in ``usage.approx``). It never generates the user's answer itself: the target engine does.
+
+When the draft fails or times out (:class:`DraftFailure`), the server's ``on_draft_failure``
+policy decides, here and nowhere else: ``fallback`` serves the prompt as is (full attention;
+``usage.approx.fallback`` names the failure) and ``error`` answers 503 (vLLM's
+``RetryableRequestError``), so that a sick draft never turns into a hung or broken request.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from specapprox_vllm.draft_runner import DraftFailure
 from specapprox_vllm.policies import ApproxConfig
+
+DRAFT_FAILURE_POLICIES = ("fallback", "error")
 
 
 class UnsupportedMethod(ValueError):
@@ -34,6 +42,7 @@ class ApproxStats:
     draft_ms: float = 0.0
     select_ms: float = 0.0
     reason: str | None = None
+    fallback: str | None = None  # "draft_error" / "draft_timeout": served with full attention
     # KV-compressing methods only (omitted otherwise):
     score_ms: float | None = None  # the target's scoring request (prefill of P + D), wall
     kv_blocks_before: int | None = None  # KV blocks the served prompt would hold uncompressed
@@ -75,8 +84,14 @@ def _budget(cfg: ApproxConfig) -> int | None:
 class DraftScheduler:
     """Plans each request. Methods register here as they become available in the engine."""
 
-    def __init__(self, draft_engine: Any | None = None) -> None:
+    def __init__(self, draft_engine: Any | None = None, on_draft_failure: str = "fallback"
+                 ) -> None:
+        if on_draft_failure not in DRAFT_FAILURE_POLICIES:
+            raise ValueError(f"on_draft_failure: {on_draft_failure!r} is not one of "
+                             f"{', '.join(DRAFT_FAILURE_POLICIES)}")
         self.draft_engine = draft_engine
+        self.on_draft_failure = on_draft_failure
+        self.draft_failures = 0
         # Methods whose serving path exists. ``none`` needs nothing; the others are added by
         # their integration modules (SpecPC: draft scoring, SpecKV: target KV compaction).
         self._handlers: dict[str, Any] = {}
@@ -117,5 +132,16 @@ class DraftScheduler:
                 prompt_token_ids,
                 ApproxStats(cfg.method, False, n, n, reason="prompt_within_budget"),
             )
-        return await self._handlers[cfg.method](prompt_token_ids, sampling_params, cfg,
-                                                 request_id)
+        try:
+            return await self._handlers[cfg.method](prompt_token_ids, sampling_params, cfg,
+                                                     request_id)
+        except DraftFailure as e:
+            self.draft_failures += 1
+            if self.on_draft_failure == "error":
+                from vllm.exceptions import RetryableRequestError
+
+                raise RetryableRequestError(
+                    f"the draft model failed for approx.method {cfg.method} ({e}); retry, or "
+                    "use approx.method none") from None
+            return Plan(prompt_token_ids, ApproxStats(cfg.method, False, n, n,
+                                                      reason="draft_failed", fallback=e.kind))

@@ -143,10 +143,11 @@ class KVHandler:
                     release=release)
 
 
-def register_methods(scheduler: DraftScheduler, target: Any, draft: Any | None) -> None:
+def register_methods(scheduler: DraftScheduler, target: Any, draft: Any | None,
+                     draft_timeout_s: float | None = None) -> None:
     """Attach the handlers whose engines are present. ``none`` is always served; methods
     that need the draft are offered only with a draft engine."""
-    draft_runner = DraftRunner(draft) if draft is not None else None
+    draft_runner = DraftRunner(draft, draft_timeout_s) if draft is not None else None
     kv = KVHandler(TargetKVRunner(target), draft_runner)
     for method in KV_METHODS:
         if method in ("snapkv", "streamingllm") or draft_runner is not None:

@@ -37,6 +37,10 @@ PATCH_POINTS: tuple[tuple[str, str], ...] = (
     # per-engine metrics (server/metrics.py): stat loggers and scheduler stats
     ("vllm.v1.metrics.loggers", "StatLoggerManager"),
     ("vllm.v1.metrics.stats", "SchedulerStats"),
+    # reliability (server/guard.py, server/state.py): engine processes, retryable 503s
+    ("vllm.v1.engine.core_client", "BackgroundResources"),
+    ("vllm.v1.engine.utils", "CoreEngineProcManager"),
+    ("vllm.exceptions", "RetryableRequestError"),
 )
 
 # Signatures we wrap; a change here must fail the compat tests, not corrupt outputs.
@@ -92,6 +96,14 @@ def step_extra_args(req_ids: list[str | None], requests: dict[str, Any]
         if extra:
             out[i] = extra
     return out
+
+
+def engine_pids(engine: Any) -> list[int]:
+    """PIDs of an ``AsyncLLM``'s engine-core processes (``engine_core.resources.
+    engine_manager.processes``); empty when the engine runs in-process or the layout moved."""
+    manager = getattr(getattr(getattr(engine, "engine_core", None), "resources", None),
+                      "engine_manager", None)
+    return [p.pid for p in getattr(manager, "processes", None) or [] if p.pid is not None]
 
 
 def patch_model_runner() -> None:

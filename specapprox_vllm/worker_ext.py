@@ -12,6 +12,11 @@ class SpecApproxWorkerExtension:
 
         return pop_captures(keys)
 
+    def specapprox_capture_count(self) -> int:
+        from specapprox_vllm.capture import CAPTURES
+
+        return len(CAPTURES)
+
     def specapprox_kv_results(self, keys: list[str], with_indices: bool = False
                               ) -> dict[str, dict[str, Any]]:
         from specapprox_vllm.kv_compact import results

@@ -49,7 +49,7 @@ async def test_tiny_llama_through_the_app_matches_hf(tiny_llama_dir: Path) -> No
     target = start_engine(AsyncEngineArgs.from_cli_args(vllm_args), "target")
     prompt_ids = list(range(100, 140))
     try:
-        app, _ = await build_server_app(cfg, vllm_args, target)
+        app = (await build_server_app(cfg, vllm_args, target)).asgi
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                      base_url="http://t", timeout=120) as http:
             r = await http.post("/v1/completions", json={
