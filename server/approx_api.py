@@ -10,7 +10,8 @@ adds ``usage.approx`` to the JSON response or to the streamed chunk that carries
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import Awaitable, Callable, Collection
 from http import HTTPStatus
 from typing import Any
 
@@ -134,10 +135,19 @@ class ApproxMiddleware:
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or \
-                scope["path"] not in APPROX_PATHS:
+        if scope["type"] != "http" or scope["path"] not in APPROX_PATHS:
             await self.app(scope, receive, send)
             return
+        if scope["method"] not in ("POST", "OPTIONS"):  # OPTIONS: vLLM's CORS preflight
+            # Starlette's router answers {"detail": "Method Not Allowed"}, not OpenAI's shape.
+            await send_error(send, HTTPStatus.METHOD_NOT_ALLOWED,
+                             f"{scope['method']} is not allowed on {scope['path']}; use POST",
+                             "MethodNotAllowed", headers=[(b"allow", b"POST")])
+            return
+        if scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        scope[METHOD_SCOPE_KEY] = "invalid"
         raw = await self._read_body(receive)
         if raw is None:
             await send_error(send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
@@ -146,10 +156,17 @@ class ApproxMiddleware:
             return
         try:
             body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            body = None  # vLLM answers malformed JSON itself
+        except json.JSONDecodeError:
+            body = None  # vLLM answers malformed JSON itself, in OpenAI's shape
+        except (ValueError, RecursionError) as e:
+            # Not UTF-8 (UnicodeDecodeError), an integer literal over Python's 4300-digit
+            # limit (ValueError) or nesting deeper than the recursion limit: uncaught, these
+            # were a bare 500; handed to vLLM, FastAPI answers {"detail": ...}, not OpenAI's
+            # shape. Neither is the client's fault to debug, so say what is wrong.
+            await send_error(send, HTTPStatus.BAD_REQUEST,
+                             f"request body is not valid JSON: {_parse_failure(e)}")
+            return
         ctx = None
-        scope[METHOD_SCOPE_KEY] = "invalid"
         if isinstance(body, dict):
             try:
                 cfg = parse_approx(body, self.default_method, self.method_defaults)
@@ -164,7 +181,8 @@ class ApproxMiddleware:
             raw = json.dumps(body, separators=(",", ":")).encode()
         token = CURRENT_REQUEST.set(ctx)
         try:
-            await self.app(scope, _replay(raw, receive), _UsageSender(send, ctx) if ctx else send)
+            await self.app(scope, _replay(raw, receive),
+                           _UsageSender(send, ctx, fields=body) if ctx else send)
         finally:
             CURRENT_REQUEST.reset(token)
 
@@ -184,6 +202,41 @@ class ApproxMiddleware:
         return b"".join(chunks)
 
 
+def _parse_failure(e: BaseException) -> str:
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return str(e).split(";", 1)[0]  # "Exceeds the limit (4300 digits) for integer string ..."
+
+
+# "n must be at least 1, got 0.", "`top_k` must be ...": the field a message is about.
+_MESSAGE_FIELD = re.compile(r"`?([A-Za-z_]\w*)`? must\b")
+
+
+def fill_param(body: bytes, fields: Collection[str]) -> bytes:
+    """An error body whose ``param`` is null gets the field its message starts with, when that
+    is a top-level field of the request.
+
+    Why: vLLM's sampling-parameter checks for ``n``, ``top_k``, ``presence_penalty`` and
+    ``frequency_penalty`` (vllm/sampling_params.py) raise without a ``parameter``, so their 400
+    said ``"param": null`` although the message names the field (``"n must be at least 1, got
+    0."``). Anything else passes through unchanged."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return body
+    err = obj.get("error") if isinstance(obj, dict) else None
+    if not isinstance(err, dict) or err.get("param") is not None or \
+            not isinstance(err.get("message"), str):
+        return body
+    m = _MESSAGE_FIELD.match(err["message"])
+    if m is None or m.group(1) not in fields:
+        return body
+    err["param"] = m.group(1)
+    return json.dumps(obj).encode()
+
+
 def _replay(raw: bytes, receive: Receive) -> Receive:
     """Hand the (rewritten) body to the app once, then the client's own messages, so that
     vLLM's disconnect watcher sees a real disconnect, not an invented one."""
@@ -201,11 +254,14 @@ def _replay(raw: bytes, receive: Receive) -> Receive:
 
 class _UsageSender:
     """Rewrites the response: JSON bodies are buffered (they are small) and SSE events are
-    rewritten one by one; only the object that carries ``usage`` changes."""
+    rewritten one by one; only the object that carries ``usage`` changes, and a JSON error
+    (4xx, 5xx) whose ``param`` is missing (:func:`fill_param`; ``fields``: the request's
+    top-level keys)."""
 
-    def __init__(self, send: Send, ctx: RequestApprox) -> None:
+    def __init__(self, send: Send, ctx: RequestApprox, fields: Collection[str] = ()) -> None:
         self.send = send
         self.ctx = ctx
+        self.fields = fields
         self.start: Message | None = None
         self.kind = "other"
         self.buf = b""
@@ -217,6 +273,9 @@ class _UsageSender:
             if msg["status"] == 200 and ctype.startswith("application/json"):
                 self.kind, self.start = "json", msg
                 return
+            if msg["status"] >= 400 and ctype.startswith("application/json"):
+                self.kind, self.start = "error", msg
+                return
             if ctype.startswith("text/event-stream"):
                 self.kind = "sse"
             await self.send(msg)
@@ -224,7 +283,7 @@ class _UsageSender:
         if msg["type"] != "http.response.body":
             await self.send(msg)
             return
-        if self.kind == "json":
+        if self.kind in ("json", "error"):
             self.buf += msg.get("body", b"")
             if msg.get("more_body"):
                 return
@@ -236,12 +295,15 @@ class _UsageSender:
 
     async def _flush_json(self) -> None:
         body = self.buf
-        try:
-            obj = json.loads(body)
-            if _inject(obj, approx_usage(self.ctx.stats)):
-                body = json.dumps(obj, separators=(",", ":")).encode()
-        except json.JSONDecodeError:
-            pass
+        if self.kind == "error":
+            body = fill_param(body, self.fields)
+        else:
+            try:
+                obj = json.loads(body)
+                if _inject(obj, approx_usage(self.ctx.stats)):
+                    body = json.dumps(obj, separators=(",", ":")).encode()
+            except json.JSONDecodeError:
+                pass
         assert self.start is not None
         headers = [(k, v) for k, v in self.start.get("headers", []) if k != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))

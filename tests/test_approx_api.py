@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
 
 from server.app import BearerAuthMiddleware
-from server.approx_api import ApproxMiddleware, approx_usage
+from server.approx_api import ApproxMiddleware, approx_usage, fill_param
 from server.engine_client import CURRENT_REQUEST
 from specapprox_vllm.draft_scheduler import ApproxStats, DraftScheduler
 from specapprox_vllm.policies import load_method_defaults
@@ -134,6 +134,43 @@ def test_oversized_body_is_413() -> None:
     with pytest.raises(openai.APIStatusError) as e:
         chat(make_client(max_body=200), extra_body={"pad": "x" * 500})
     assert e.value.status_code == 413
+
+
+@pytest.mark.parametrize(("raw", "word"), [
+    (b'{"model":"m","messages":[{"role":"user","content":"\xff"}]}', "UTF-8"),
+    (b'{"model":"m","seed":' + b"9" * 5000 + b"}", "4300"),
+    (b'{"messages":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested"),
+])
+def test_unparseable_bodies_get_openai_400_not_500(raw: bytes, word: str) -> None:
+    asgi = ApproxMiddleware(fake_vllm_app(), _Scheduler(), "none", DEFAULTS, 1 << 22)
+    r = TestClient(asgi, base_url="http://t").post(
+        "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["type"] == "BadRequestError" and err["code"] == 400 and word in err["message"]
+
+
+def test_get_on_a_completion_path_is_an_openai_405() -> None:
+    asgi = ApproxMiddleware(fake_vllm_app(), _Scheduler(), "none", DEFAULTS, 1 << 20)
+    r = TestClient(asgi, base_url="http://t").get("/v1/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["error"]["type"] == "MethodNotAllowed"
+
+
+def test_fill_param_names_the_field_a_vllm_message_starts_with() -> None:
+    def err(message: str, param: str | None = None) -> bytes:
+        return json.dumps({"error": {"message": message, "type": "BadRequestError",
+                                     "param": param, "code": 400}}).encode()
+
+    def param(body: bytes, fields: tuple[str, ...]) -> str | None:
+        return json.loads(fill_param(body, fields))["error"]["param"]
+
+    assert param(err("n must be at least 1, got 0."), ("n", "prompt")) == "n"
+    assert param(err("`top_k` must be 0 (disable), or at least 1"), ("top_k",)) == "top_k"
+    assert param(err("n must be at least 1, got 0."), ("prompt",)) is None  # not sent
+    assert param(err("Token id 9 is out of vocabulary"), ("prompt",)) is None
+    assert param(err("n must be at least 1", "x"), ("n",)) == "x"  # kept
+    assert fill_param(b"not json", ("n",)) == b"not json"
 
 
 def test_bearer_auth_is_constant_time_and_openai_shaped() -> None:
