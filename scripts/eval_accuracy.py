@@ -24,8 +24,8 @@ Usage::
     python scripts/eval_accuracy.py --tasks niah_single,qa --lengths 1024 --samples 3 \\
         --out /tmp/acc.json                                          # smoke
 
-Writes ``docs/results/accuracy.json`` (``--out``), ``accuracy_budget.png`` and
-``accuracy_length.png`` beside it.
+Writes ``docs/results/accuracy.json`` (``--out``), the table as ``accuracy.md`` (what
+``docs/results.md`` shows), ``accuracy_budget.png`` and ``accuracy_length.png`` beside it.
 """
 
 from __future__ import annotations
@@ -44,7 +44,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from specpc_eval_common import MODEL_DIR, MODEL_NAME, REPO, Server, draft_server_args, machine_info  # noqa: E402, E501
 
 from specapprox_vllm.eval.ruler import TASKS, EvalCase, make_case  # noqa: E402
-from specapprox_vllm.eval.sweep import KV_METHODS, Setting, settings, summarize  # noqa: E402
+from specapprox_vllm.eval.sweep import (  # noqa: E402
+    KV_METHODS,
+    Setting,
+    markdown_table,
+    settings,
+    summarize,
+)
 
 DEFAULT_TASKS = "niah_single,niah_multikey,niah_multivalue,qa"
 
@@ -246,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
               "wall_s": round(time.time() - t0, 1), "requests": len(records),
               "errors": len(errors), "summary": summary}
     args.out.write_text(json.dumps(result, indent=1))
+    args.out.with_suffix(".md").write_text(markdown_table(summary))
     print_table(summary)
     if errors:
         print(f"{len(errors)} requests failed, e.g. {errors[0]['error']}")

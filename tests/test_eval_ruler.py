@@ -77,3 +77,18 @@ def test_summary_drops_cells_full_attention_cannot_do() -> None:
     assert s["settings"]["x@1"]["mean"] == pytest.approx(0.5)
     assert s["settings"]["x@1"]["by_length"] == {"1": 0.5, "2": 0.5}
     assert s["min_samples_per_cell"] == 2
+
+
+def test_markdown_table_lists_kept_cells_and_says_what_was_dropped() -> None:
+    from specapprox_vllm.eval.sweep import markdown_table
+
+    records = [{"setting": s, "task": t, "length": n, "score": v} for s, t, n, v in [
+        ("none", "a", 1, 1.0), ("none", "b", 1, 0.0), ("x@1", "a", 1, 0.5),
+        ("x@1", "b", 1, 1.0)]]
+    md = markdown_table(summarize(records, min_full=0.5))
+    lines = md.splitlines()
+    assert lines[0] == "| setting | mean | a | 1 |"
+    assert lines[2] == "| none (full) | 1.00 | 1.00 | 1.00 |"
+    assert lines[3] == "| x@1 | 0.50 | 0.50 | 0.50 |"  # b dropped: not averaged in
+    assert "Dropped: b at 1 tokens (full attention 0.00 < 0.5)." in md
+    assert "at least 1" in md

@@ -103,3 +103,26 @@ def summarize(records: list[dict[str, Any]], min_full: float = 0.5) -> dict[str,
 def _mean(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return statistics.fmean(vals) if vals else None
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """The accuracy table of ``docs/results.md``, from a :func:`summarize` result: one row per
+    setting (mean over kept cells, per task, per length), then the dropped cells."""
+    tasks = sorted({t for t, _ in summary["kept_cells"]})
+    lengths = sorted({n for _, n in summary["kept_cells"]})
+    head = ["setting", "mean", *tasks, *(str(n) for n in lengths)]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+
+    def cell(v: float | None) -> str:
+        return "–" if v is None else f"{v:.2f}"
+
+    for label, row in summary["settings"].items():
+        vals = [row["mean"], *(row["by_task"].get(t) for t in tasks),
+                *(row["by_length"].get(str(n)) for n in lengths)]
+        name = "none (full)" if label == "none" else label
+        lines.append("| " + " | ".join([name, *(cell(v) for v in vals)]) + " |")
+    for d in summary["dropped_cells"]:
+        lines.append(f"\nDropped: {d['task']} at {d['length']} tokens (full attention "
+                     f"{d['full']:.2f} < {summary['min_full']}).")
+    lines.append(f"\nSamples per kept cell: at least {summary['min_samples_per_cell']}.")
+    return "\n".join(lines) + "\n"
