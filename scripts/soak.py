@@ -372,6 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    write_plot(out.with_suffix(".png"), report)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -388,8 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     except (httpx.HTTPError, RuntimeError, TimeoutError) as e:
         print(f"soak: cannot reach or start the server: {e!r}", file=sys.stderr)
         return 3
+    report: dict[str, Any] | None = None
     try:
         report = asyncio.run(run_soak(args, srv.base_url))
+        write_report(args.out, report)  # before stopping the server: a stop problem must
+        # not cost the run's figures
     except StateMissing as e:
         print(f"soak: {e}", file=sys.stderr)
         return 2
@@ -397,10 +406,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"soak: server unreachable: {e!r}", file=sys.stderr)
         return 3
     finally:
-        srv.stop()  # a no-op for an external server
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    write_plot(args.out.with_suffix(".png"), report)
+        try:
+            srv.stop()  # a no-op for an external server
+        except RuntimeError as e:  # processes still exiting after SIGKILL
+            print(f"soak: warning: {e}", file=sys.stderr)
+            if report is not None:
+                report["server_stop_warning"] = str(e)
+                write_report(args.out, report)
+    assert report is not None
     print(format_table(report["by_kind"]))
     for name, v in report["invariants"].items():
         print(f"  {'PASS' if v['ok'] else 'FAIL'}  {name}: {v['detail']}")

@@ -187,7 +187,9 @@ class Server:
                 os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            time.sleep(2)
+            deadline = time.time() + 60  # a killed worker can take a while to exit under load
+            while _group_pids(pgid) and time.time() < deadline:
+                time.sleep(1)
         if self.proc.poll() is None:
             self.proc.wait(10)
         left = _group_pids(pgid)
