@@ -59,6 +59,13 @@ def record_key(r: dict[str, Any]) -> tuple[str, str, int, int]:
     return (r["setting"], r["task"], r["length"], r["seed"])
 
 
+def usable(r: dict[str, Any]) -> bool:
+    """A record that measures its setting: served without error, and not a draft-failure
+    fallback to full attention (``usage.approx.fallback``), which measured ``none`` instead.
+    Unusable records stay in the JSONL but are served again by ``--resume``."""
+    return "error" not in r and not (r.get("approx") or {}).get("fallback")
+
+
 async def serve_case(client: Any, model: str, case: EvalCase, todo: list[Setting],
                      cascade_pc: int, sink: Any, bar: Any) -> None:
     for setting in todo:
@@ -93,7 +100,7 @@ async def run(args: argparse.Namespace, base_url: str, out: Path) -> list[dict[s
     if args.resume and jsonl.exists():
         for line in jsonl.read_text().splitlines():
             r = json.loads(line)
-            if "error" not in r:  # failed requests are served again
+            if usable(r):  # failed or fallen-back requests are served again
                 done[record_key(r)] = r
     elif jsonl.exists():
         jsonl.unlink()
@@ -110,7 +117,7 @@ async def run(args: argparse.Namespace, base_url: str, out: Path) -> list[dict[s
 
         await _serve_phase("full attention (calibration)", args, tok, client, full, done,
                            None, sink)
-        ok = [r for r in records if "error" not in r]
+        ok = [r for r in records if usable(r)]
         kept = {tuple(c) for c in summarize(ok, args.min_full)["kept_cells"]}
         print(f"calibration keeps {len(kept)} cells: {sorted(kept)}", flush=True)
         await _serve_phase("approximations", args, tok, client, rest, done, kept, sink)
@@ -245,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with Server(server_args, base_url=args.base_url) as srv:
             records = asyncio.run(run(args, srv.base_url, args.out))
-    errors = [r for r in records if "error" in r]
-    summary = summarize([r for r in records if "error" not in r], args.min_full)
+    errors = [r for r in records if not usable(r)]
+    summary = summarize([r for r in records if usable(r)], args.min_full)
     result = {"command": " ".join(sys.argv), "machine": machine_info(), "args": vars(args)
               | {"out": str(args.out)}, "draft_layers": args.draft_layers,
               "wall_s": round(time.time() - t0, 1), "requests": len(records),
@@ -255,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".md").write_text(markdown_table(summary))
     print_table(summary)
     if errors:
-        print(f"{len(errors)} requests failed, e.g. {errors[0]['error']}")
+        e = errors[0]
+        print(f"{len(errors)} records not counted (failed, or the draft failed and the server "
+              f"fell back), e.g. {e.get('error') or e['approx'].get('fallback')}")
     plot(summary, args.out)
     print(f"wrote {args.out} and its plots")
     return 0
