@@ -8,7 +8,7 @@ that touches vLLM internals lives in :mod:`specapprox_vllm.vllm_compat`.
 
 from __future__ import annotations
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 SUPPORTED_VLLM = "0.32"
 _REGISTERED = False
