@@ -13,8 +13,12 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from server.config import PROJECT_ROOT, ConfigError, _parse_scalar, env_name, leaf_keys, load_config
 
@@ -110,9 +114,26 @@ async def serve(cfg) -> int:
                     engine.shutdown()
 
 
+STARTUP_EXIT_GRACE_S = 30.0
+
+
+def _hard_exit_after(seconds: float) -> None:
+    """Last resort when unwinding stalls: kill our processes and exit."""
+    time.sleep(seconds)
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    os._exit(1)
+
+
 def _terminate_during_startup(signum: int, frame: Any) -> None:
     # Until uvicorn installs its own handlers: unwind through serve()'s `finally`, which
-    # stops the engines already started, instead of dying and orphaning them.
+    # stops the engines already started, instead of dying and orphaning them. vLLM's
+    # start-up wait was seen to swallow the interrupt (the engine core had died of the same
+    # signal, and the client kept waiting for it), so a watchdog thread ends the process
+    # after a grace period whatever happens.
+    threading.Thread(target=_hard_exit_after, args=(STARTUP_EXIT_GRACE_S,), daemon=True,
+                     name="specapprox-startup-exit").start()
     raise KeyboardInterrupt
 
 

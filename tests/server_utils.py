@@ -35,12 +35,18 @@ class ServerProcess:
         self.log_path = log_path or Path(f"/tmp/specapprox-server-{self.port}.log")
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 600.0) -> ServerProcess:
+    def spawn(self) -> subprocess.Popen:
+        """Start the process without waiting for it to become healthy."""
         log = self.log_path.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", *self.args], cwd=ROOT, env=self.env,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
+        return self.proc
+
+    def start(self, timeout: float = 600.0) -> ServerProcess:
+        self.spawn()
+        assert self.proc is not None
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -9,6 +9,7 @@ idle values: nothing held once nothing runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -272,6 +273,37 @@ def test_sigterm_drains_in_flight_requests_and_leaves_no_engine_behind() -> None
         assert finals[-1] == "length"  # the in-flight request finished, not cut off
         assert srv.proc.wait(120) == 0
         deadline = time.monotonic() + 120  # a worker freeing GBs can take a while here
+        while running(children) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not running(children), [p.pid for p in running(children)]
+    finally:
+        srv.stop()
+
+
+def engine_core_started(procs: list[psutil.Process]) -> bool:
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            if "EngineCore" in " ".join(p.cmdline()):
+                return True
+    return False
+
+
+def test_sigterm_while_the_engines_start_leaves_nothing_behind() -> None:
+    """An orchestrator may stop a server that is still loading its engines."""
+    require_model()
+    srv = ServerProcess()
+    proc = srv.spawn()
+    try:
+        deadline = time.monotonic() + 600
+        children: list[psutil.Process] = []
+        while not engine_core_started(children):
+            assert proc.poll() is None and time.monotonic() < deadline, srv.tail()
+            time.sleep(0.5)
+            with contextlib.suppress(psutil.Error):
+                children = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) != 0  # interrupted, not served
+        deadline = time.monotonic() + 120
         while running(children) and time.monotonic() < deadline:
             time.sleep(1)
         assert not running(children), [p.pid for p in running(children)]
