@@ -102,6 +102,9 @@ async def serve(cfg) -> int:
             _watch_engines(server, built.client, cfg.server.exit_on_engine_death))
         log.info("serving %s on http://%s:%d", cfg.server.served_model_name,
                  cfg.server.host, cfg.server.port)
+        # Start-up is over: uvicorn handles SIGTERM from here (drain, then return), and it
+        # re-raises the signal once it has drained; that must not interrupt the shutdown.
+        signal.signal(signal.SIGTERM, _after_drain)
         await server.serve()
         log.info("HTTP server stopped; stopping the engines")
         return server.exit_code
@@ -115,6 +118,10 @@ async def serve(cfg) -> int:
 
 
 STARTUP_EXIT_GRACE_S = 30.0
+
+
+def _after_drain(signum: int, frame: Any) -> None:
+    log.info("SIGTERM: already shutting down")
 
 
 def _hard_exit_after(seconds: float) -> None:

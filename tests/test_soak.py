@@ -388,12 +388,15 @@ def test_script_says_clearly_that_the_state_route_is_missing(
 @pytest.mark.timeout(1500)
 def test_soak_ci(server: Any, tmp_path: Path) -> None:
     r = httpx.get(f"{server.base_url}/specapprox/state", timeout=60)
-    if r.status_code == 404:
-        pytest.skip("the server has no GET /specapprox/state yet (issue 8: being added); "
-                    "the soak's end-state invariants need it")
+    assert r.status_code == 200, r.text
     out = tmp_path / "soak.json"
+    # Two minutes on a server that may be fresh check the lifecycle invariants (outcomes,
+    # KV, compacted KV, captures, admission). RSS over such a short run is dominated by
+    # warm-up (+284 MiB seen on a fresh server), so the CI bound is loose; RSS boundedness
+    # is judged by the 20-minute record (docs/reliability.md).
     rc = load_script().main(["--base-url", server.base_url, "--duration", "120",
-                             "--concurrency", "3", "--seed", "0", "--out", str(out)])
+                             "--concurrency", "3", "--seed", "0", "--out", str(out),
+                             "--max-rss-growth-mb", "1024"])
     report = json.loads(out.read_text())
     bad = {k: v for k, v in report["invariants"].items() if not v["ok"]}
     assert rc == 0 and report["passed"], (bad, report["unexpected"][:5])
