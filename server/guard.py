@@ -149,6 +149,16 @@ class Admission:
         est = self._mean_s * (self.queued + 1) / self.max_active
         return max(1, min(60, math.ceil(est)))
 
+    async def enter(self, timeout: float | None) -> None:
+        """Wait in the queue for a slot (``TimeoutError`` after ``timeout``); the caller
+        must call :meth:`done` once it holds one."""
+        self.queued += 1
+        try:
+            await asyncio.wait_for(self.sem.acquire(), timeout)
+        finally:
+            self.queued -= 1
+        self.active += 1
+
     def done(self, seconds: float) -> None:
         self.active -= 1
         self.sem.release()
@@ -235,18 +245,14 @@ class AdmissionMiddleware:
             return
         t0 = time.monotonic()
         timeout = adm.timeout_s
-        adm.queued += 1
         try:
-            await asyncio.wait_for(adm.sem.acquire(), timeout)
+            await adm.enter(timeout)
         except TimeoutError:
             adm.timed_out += 1
             await send_error(send, HTTPStatus.GATEWAY_TIMEOUT,
                              f"request waited in the admission queue longer than the server's "
                              f"request_timeout_s ({timeout} s)", "TimeoutError")
             return
-        finally:
-            adm.queued -= 1
-        adm.active += 1
         try:
             await self._serve(scope, receive, send, t0)
         finally:

@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 
 from server.metrics import observer_of
+from specapprox_vllm.kv_runner import TargetKVRunner
 from specapprox_vllm.vllm_compat import engine_pids
 
 
@@ -67,7 +68,7 @@ async def collect_state(client: Any, admission: Any, probe: bool = False) -> dic
         "process": _process_tree(),
     }
     if not client.target.errored:
-        parts = await client.target.collective_rpc("specapprox_kv_store_info")
+        parts = await TargetKVRunner(client.target).store_info()
         out["compacted_kv"] = {"entries": sum(p["entries"] for p in parts),
                                "bytes": sum(p["bytes"] for p in parts)}
     if client.draft is not None and not client.draft.errored:
