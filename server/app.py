@@ -18,6 +18,7 @@ from server.approx_api import ApproxMiddleware, Receive, Scope, Send, send_error
 from server.config import ServerConfig
 from server.engine_client import ApproxEngineClient
 from server.guard import Admission, AdmissionMiddleware, RequestContextMiddleware
+from server.memory_trim import MemoryTrimmer
 from server.metrics import instrument
 from server.state import collect_state
 from specapprox_vllm.draft_scheduler import DraftScheduler
@@ -58,13 +59,15 @@ class ServerApp:
     fastapi: Any
     client: ApproxEngineClient
     admission: Admission
+    trimmer: MemoryTrimmer
 
 
-def add_state_route(app: Any, client: ApproxEngineClient, admission: Admission) -> None:
+def add_state_route(app: Any, client: ApproxEngineClient, admission: Admission,
+                    trimmer: MemoryTrimmer) -> None:
     from fastapi.responses import JSONResponse
 
     async def specapprox_state(probe: bool = False) -> JSONResponse:
-        return JSONResponse(await collect_state(client, admission, probe))
+        return JSONResponse(await collect_state(client, admission, probe, trimmer))
 
     app.add_api_route("/specapprox/state", specapprox_state, methods=["GET"],
                       summary="engines' KV use, stored compacted KV, queue, memory")
@@ -93,7 +96,9 @@ async def build_server_app(
     app.state.specapprox_config = cfg
     admission = Admission(cfg.server.max_active_requests, cfg.server.max_queued_requests,
                           cfg.server.request_timeout_s)
-    add_state_route(app, client, admission)
+    trimmer = MemoryTrimmer({"target": target, "draft": draft},
+                            cfg.server.memory_trim_interval_s, admission)
+    add_state_route(app, client, admission, trimmer)
     # vLLM's app has built its middleware stack by now, so ours wrap it from outside.
     asgi: Any = ApproxMiddleware(app, scheduler=scheduler,
                                  default_method=cfg.approx.default_method,
@@ -104,4 +109,4 @@ async def build_server_app(
     asgi = RequestContextMiddleware(asgi)
     # Outermost, so that rejected (401, 400, 413, 429) requests are counted too.
     asgi = instrument(asgi, {"target": target, "draft": draft})
-    return ServerApp(asgi, app, client, admission)
+    return ServerApp(asgi, app, client, admission, trimmer)

@@ -87,7 +87,7 @@ async def serve(cfg) -> int:
 
     # The draft starts first: each engine's Prometheus logger resets vLLM's `vllm:*` series
     # when it is created, and those series should describe the target.
-    draft = target = watchdog = None
+    draft = target = watchdog = trim_loop = None
     try:
         draft = start_engine(draft_engine_args(cfg), "draft") if needs_draft(cfg) else None
         target = start_engine(AsyncEngineArgs.from_cli_args(vllm_args), "target")
@@ -100,6 +100,7 @@ async def serve(cfg) -> int:
         built.fastapi.state.server = server  # vLLM's engine-error handler reads it
         watchdog = asyncio.ensure_future(
             _watch_engines(server, built.client, cfg.server.exit_on_engine_death))
+        trim_loop = asyncio.ensure_future(built.trimmer.run())
         log.info("serving %s on http://%s:%d", cfg.server.served_model_name,
                  cfg.server.host, cfg.server.port)
         # Start-up is over: uvicorn handles SIGTERM from here (drain, then return), and it
@@ -109,8 +110,9 @@ async def serve(cfg) -> int:
         log.info("HTTP server stopped; stopping the engines")
         return server.exit_code
     finally:
-        if watchdog is not None:
-            watchdog.cancel()
+        for task in (watchdog, trim_loop):
+            if task is not None:
+                task.cancel()
         for engine in (draft, target):
             if engine is not None:
                 with contextlib.suppress(Exception):

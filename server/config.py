@@ -82,6 +82,10 @@ class ServerSection(_Strict):
     exit_on_engine_death: bool = Field(
         False, description="exit when an engine process dies (for orchestrators that "
         "restart on exit); otherwise stay up, /health answers 503 and requests fail fast")
+    memory_trim_interval_s: float | None = Field(
+        30.0, gt=0, description="every this many seconds, return the engine workers' freed "
+        "heap memory to the OS (glibc malloc_trim; null: never). Without it a busy worker's "
+        "RSS creeps up by megabytes per request")
     cors_allowed_origins: list[str] = Field(
         default_factory=list, description="origins allowed cross-origin browser access "
         "(empty: CORS off)")

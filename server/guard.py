@@ -132,6 +132,7 @@ class Admission:
         self.queued = 0
         self.rejected = 0
         self.timed_out = 0
+        self.completed = 0  # requests that held a slot and let it go
         self._sem: asyncio.Semaphore | None = None  # made in the serving event loop
         self._mean_s = 1.0  # moving average of a request's service time (for Retry-After)
 
@@ -161,13 +162,15 @@ class Admission:
 
     def done(self, seconds: float) -> None:
         self.active -= 1
+        self.completed += 1
         self.sem.release()
         self._mean_s = 0.9 * self._mean_s + 0.1 * seconds
 
     def to_dict(self) -> dict[str, int | float | None]:
         return {"active": self.active, "queued": self.queued, "max_active": self.max_active,
                 "max_queued": self.max_queued, "rejected": self.rejected,
-                "timed_out": self.timed_out, "timeout_s": self.timeout_s}
+                "timed_out": self.timed_out, "completed": self.completed,
+                "timeout_s": self.timeout_s}
 
 
 class _Deadline:

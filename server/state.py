@@ -52,7 +52,8 @@ def _process_tree() -> dict[str, int]:
     return {"rss_bytes": rss, "num_processes": len(procs)}
 
 
-async def collect_state(client: Any, admission: Any, probe: bool = False) -> dict[str, Any]:
+async def collect_state(client: Any, admission: Any, probe: bool = False,
+                        trimmer: Any = None) -> dict[str, Any]:
     """The JSON of ``/specapprox/state`` (contract in docs/reliability.md)."""
     engines = {"target": client.target, "draft": client.draft}
     engines = {k: e for k, e in engines.items() if e is not None}
@@ -66,6 +67,7 @@ async def collect_state(client: Any, admission: Any, probe: bool = False) -> dic
         "draft_failures": client.scheduler.draft_failures,
         "admission": admission.to_dict(),
         "process": _process_tree(),
+        "memory_trim": trimmer.to_dict() if trimmer is not None else None,
     }
     if not client.target.errored:
         parts = await TargetKVRunner(client.target).store_info()

@@ -32,3 +32,10 @@ class SpecApproxWorkerExtension:
         from specapprox_vllm.kv_compact import store_info
 
         return store_info()
+
+    def specapprox_trim_memory(self) -> dict[str, Any]:
+        """Free heap pages back to the OS (see ``specapprox_vllm/memory.py``). Sent through
+        ``collective_rpc``, so it runs between engine steps, never during a forward pass."""
+        from specapprox_vllm.memory import trim_heap
+
+        return trim_heap()

@@ -92,6 +92,22 @@ def test_state_route_reports_both_engines_idle(rsrv: ServerProcess) -> None:
     assert st["process"]["rss_bytes"] > 0 and st["process"]["num_processes"] >= 3
 
 
+def test_server_trims_worker_heaps_once_idle(rsrv: ServerProcess) -> None:
+    """After serving, the idle server asks every engine worker to return freed heap memory
+    (``server/memory_trim.py``); the trim reaches the workers (their reply times add up)."""
+    before = state(rsrv, probe=False)["memory_trim"]
+    assert before["interval_s"] == 30.0
+    r = httpx.post(f"{rsrv.base_url}/v1/chat/completions", json=long_chat("speckv", 8),
+                   timeout=120)
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 10
+    while (now := state(rsrv, probe=False)["memory_trim"])["runs"] == before["runs"]:
+        assert time.monotonic() < deadline, f"no trim within 10 s of going idle: {now}"
+        time.sleep(0.2)
+    assert now["released_bytes_total"] >= before["released_bytes_total"]
+    assert now["ms_last"] > 0  # the slowest process's malloc_trim took measurable time
+
+
 def test_burst_far_above_the_limit_is_throttled_not_buffered(rsrv: ServerProcess) -> None:
     before = state(rsrv, probe=False)["admission"]["rejected"]
     peak = {"queued": 0, "active": 0}

@@ -1,0 +1,117 @@
+"""Heap trimming (``specapprox_vllm/memory.py``, ``server/memory_trim.py``), without engines.
+
+The expectation is independent of the code under test: RSS read from ``/proc/self/status`` by
+the child process itself, and fake engines that record the RPCs they receive.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import json
+import platform
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from server.memory_trim import MemoryTrimmer
+from specapprox_vllm import memory
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+CHILD = r"""
+import json
+from specapprox_vllm.memory import trim_heap
+
+def vmrss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+
+# 2,000 blocks of 100 KB: below glibc's initial mmap threshold, so they come from the heap.
+blocks = [bytes(100_000) for _ in range(2000)]
+pin = bytes(100_000)  # allocated last: it keeps the top of the heap, so free() cannot shrink it
+del blocks
+before = vmrss()
+out = trim_heap()
+print(json.dumps({"before": before, "after": vmrss(), "trim": out}))
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="malloc_trim is glibc's")
+def test_trim_returns_freed_heap_pages_to_the_os() -> None:
+    r = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True,
+                       check=True, timeout=120,
+                       env={"PATH": "/usr/bin:/bin", "PYTHONPATH": "."})
+    got = json.loads(r.stdout)
+    dropped = got["before"] - got["after"]
+    assert got["trim"]["supported"] is True
+    assert dropped > 100e6 and got["after"] < got["before"] / 2, got  # of ~200 MB freed
+    # What trim_heap reports is what the process sees (pages of 4 KiB, other noise small).
+    assert abs(got["trim"]["released_bytes"] - dropped) < 8e6, got
+
+
+def test_trim_is_a_reported_no_op_without_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
+    memory._malloc_trim.cache_clear()
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libnonexistent.so.9")
+    try:
+        assert memory.trim_heap() == {"supported": False, "released_bytes": None, "ms": 0.0}
+    finally:
+        memory._malloc_trim.cache_clear()
+
+
+class FakeEngine:
+    def __init__(self, released: int, errored: bool = False, fail: bool = False) -> None:
+        self.released, self.errored, self.fail = released, errored, fail
+        self.calls: list[str] = []
+
+    async def collective_rpc(self, method: str) -> list[dict[str, Any]]:
+        self.calls.append(method)
+        if self.fail:
+            raise RuntimeError("engine gone")
+        return [{"supported": True, "released_bytes": self.released, "ms": 2.5}]
+
+
+class FakeAdmission:
+    active = 0
+    queued = 0
+    completed = 0
+
+
+async def test_one_pass_trims_every_live_engine_and_adds_up() -> None:
+    target, draft, dead = FakeEngine(30 << 20), FakeEngine(5 << 20), FakeEngine(1, errored=True)
+    t = MemoryTrimmer({"target": target, "draft": draft, "old": dead, "none": None}, 30.0)
+    released = await t.trim_once()
+    assert target.calls == draft.calls == ["specapprox_trim_memory"] and dead.calls == []
+    assert released >= 35 << 20  # plus whatever this process gave back
+    d = t.to_dict()
+    assert d["runs"] == 1 and d["released_bytes_total"] == released and d["ms_last"] >= 2.5
+
+
+async def test_a_failing_engine_does_not_stop_the_others(caplog) -> None:
+    ok, bad = FakeEngine(7 << 20), FakeEngine(0, fail=True)
+    t = MemoryTrimmer({"draft": bad, "target": ok}, 30.0)
+    assert await t.trim_once() >= 7 << 20
+    assert ok.calls and "memory trim in the draft engine failed" in caplog.text
+
+
+async def test_due_after_the_interval_or_when_idle_after_serving() -> None:
+    adm = FakeAdmission()
+    t = MemoryTrimmer({"target": FakeEngine(0)}, 30.0, adm)
+    await t.trim_once()
+    now = t._last_t
+    assert not t.due(now + 1)  # idle, but nothing served since the last trim
+    adm.active, adm.completed = 1, 1
+    assert not t.due(now + 1)  # busy: wait for the interval
+    assert t.due(now + 30)
+    adm.active = 0
+    assert t.due(now + 1)  # the burst is over
+    await t.trim_once()
+    assert not t.due(t._last_t + 1)
+
+
+async def test_trimming_off_means_no_loop() -> None:
+    eng = FakeEngine(0)
+    await MemoryTrimmer({"target": eng}, None).run()  # returns at once
+    assert eng.calls == []
