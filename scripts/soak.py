@@ -24,7 +24,9 @@ Invariants (all must hold, exit status 0): one terminal outcome per request, no 
 outcome, no lost request, engines alive, both engines' ``kv_blocks_used`` back to the idle
 baseline read at the start, ``compacted_kv.entries == 0``, ``draft_captures == 0``, admission
 idle, and RSS growth from the end of the warm-up (10 % of the run, at least 30 s and one
-request of each kind) to the end at most ``--max-rss-growth-mb``. Exit status 1: an invariant
+request of each kind) to the end at most ``--max-rss-growth-mb``, read as the growth of the
+RSS floor (least sample in a window of two heap-trim intervals, at least 60 s, at each end;
+``rss_floors`` says why). Exit status 1: an invariant
 failed; 2: bad arguments, or the server has no ``/specapprox/state``; 3: server unreachable.
 The bookkeeping and the invariants are in ``specapprox_vllm/loadtest/soak_checks.py`` (pure,
 unit-tested); this script sends the requests and reads the state.
@@ -67,6 +69,7 @@ from specapprox_vllm.loadtest.soak_checks import (  # noqa: E402
     classify_error,
     format_table,
     rate_series,
+    rss_floors,
     state_checks,
     state_value,
 )
@@ -328,12 +331,18 @@ async def run_soak(args: argparse.Namespace, root: str) -> dict[str, Any]:
         except Exception as e:  # noqa: BLE001 - a dead server still gets its report
             after, quiesce_s = {"error": f"{type(e).__name__}: {e}"}, None
         await oai.close()
-    inv = check_invariants(soak.ledger, before, after,
-                           soak.warm["rss_bytes"] if soak.warm else None, args.max_rss_growth_mb)
+    if isinstance(end := state_value(after, "process", "rss_bytes"), int):
+        soak.rss.append([round(soak.now(), 1), end])
+    trim_s = state_value(after, "memory_trim", "interval_s") or 0.0
+    window_s = max(60.0, 2 * trim_s)
+    warm_floor, end_floor = rss_floors(soak.rss, soak.warm["t"] if soak.warm else None, window_s)
+    inv = check_invariants(soak.ledger, before, after, warm_floor, args.max_rss_growth_mb,
+                           end_rss=end_floor)
     cfg = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     return {"config": {**cfg, "base_url": root, "model": model}, "machine": machine_info(),
             "ran_s": round(ran_s, 1), "quiesce_s": quiesce_s, "counts": soak.ledger.counts(),
             "by_kind": soak.ledger.by_kind(), "warm": soak.warm, "rss_series": soak.rss,
+            "rss_floors": {"window_s": window_s, "warm": warm_floor, "end": end_floor},
             "rate_series": rate_series(soak.ledger, args.sample_s),
             "state_before": before, "state_after": after, "state_errors": soak.state_errors,
             "invariants": inv, "passed": all(v["ok"] for v in inv.values()),

@@ -403,3 +403,25 @@ def test_soak_ci(server: Any, tmp_path: Path) -> None:
     assert set(report["invariants"]) == INVARIANTS
     assert report["counts"]["sent"] > 0 and report["counts"]["ok"] > 0
     assert out.with_suffix(".png").is_file()
+
+
+def test_rss_floors_read_the_saw_tooth_bottoms() -> None:
+    from specapprox_vllm.loadtest.soak_checks import rss_floors
+
+    # A trimmed server: RSS rises by 300 MB between trims every 30 s, floor +1 MB per 10 s.
+    series = [[float(t), (1000 + t // 10 + (t % 30) * 10) * MIB] for t in range(0, 601, 10)]
+    warm, end = rss_floors(series, 100.0, 60.0)
+    assert warm == (1000 + 12) * MIB  # t=120, just after a trim
+    assert end == (1000 + 54) * MIB  # t=540; a single end sample would say 1000+60+0 or +200
+    assert end - warm == 42 * MIB
+    assert rss_floors(series, None, 60.0) == (None, None)
+    assert rss_floors(series, 700.0, 60.0) == (None, None)
+    short = rss_floors(series[:13], 100.0, 60.0)  # 20 s after warm-up: windows of 10 s
+    assert short == (1110 * MIB, 1012 * MIB)
+
+
+def test_end_rss_overrides_the_final_state() -> None:
+    led = ledger_of("ok")
+    inv = check_invariants(led, idle_state(), idle_state(rss_mb=2000), 1000 * MIB, 256,
+                           end_rss=1100 * MIB)
+    assert not failed(inv) and "+100.0 MiB" in inv["rss_growth"]["detail"]
