@@ -123,7 +123,12 @@ def test_burst_far_above_the_limit_is_throttled_not_buffered(rsrv: ServerProcess
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=120) as c:
             return await asyncio.gather(*[c.post(f"{rsrv.base_url}/v1/chat/completions",
-                                                 json=chat(f"Say hello {i}."))
+                                                 # long enough that the admitted four
+                                                 # still hold their places when the rest
+                                                 # arrive (8-token replies were seen to
+                                                 # finish first under CI load: no 429)
+                                                 json=chat(f"Say hello {i}.", 48,
+                                                           ignore_eos=True))
                                           for i in range(24)])
 
     watcher = threading.Thread(target=watch)
