@@ -2,20 +2,22 @@
 
 Why: an engine worker allocates activations of a different size at every step (prompt
 lengths and chunked-prefill batches vary). glibc keeps freed chunks in its arenas for reuse,
-and with varied sizes that free memory fragments and grows: in a mixed soak the target
-worker's RSS climbed 2-4 MB per request although the live Python objects and tensors stayed
-constant, and one ``malloc_trim(0)`` returned it all (docs/reliability.md, "Soak"). It is not a
-leak, but to an operator or an OOM killer it is indistinguishable from one.
+and with varied sizes that free memory fragments and grows: in a soak the target worker's RSS
+climbed 2-4 MB per request although the live Python objects and tensors stayed constant, and
+one ``malloc_trim(0)`` returned most of it (docs/reliability.md, "Memory: heap trimming", which
+also describes the growth that trimming does not undo). Not a leak, but to an operator or an
+OOM killer it is indistinguishable from one.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import time
 from functools import cache
 from typing import Any
+
+import psutil
 
 
 @cache
@@ -31,25 +33,16 @@ def _malloc_trim() -> Any | None:
     return fn
 
 
-def rss_bytes(pid: int | None = None) -> int | None:
-    """Resident set size of a process (this one by default), from /proc; None elsewhere."""
-    try:
-        with open(f"/proc/{pid or os.getpid()}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def trim_heap() -> dict[str, Any]:
     """Release this process's free heap pages. Returns ``{"supported", "released_bytes",
     "ms"}``; ``released_bytes`` is the RSS drop it caused (None when unsupported)."""
     fn = _malloc_trim()
     if fn is None:
         return {"supported": False, "released_bytes": None, "ms": 0.0}
-    before = rss_bytes()
+    proc = psutil.Process()  # the same RSS reading as /specapprox/state's
+    before = proc.memory_info().rss
     t0 = time.perf_counter()
     fn(0)
     ms = (time.perf_counter() - t0) * 1e3
-    after = rss_bytes()
-    released = max(0, before - after) if before is not None and after is not None else None
+    released = max(0, before - proc.memory_info().rss)
     return {"supported": True, "released_bytes": released, "ms": round(ms, 2)}
