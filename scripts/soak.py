@@ -144,6 +144,9 @@ class Soak:
             0.1 * args.duration, 30.0)
         self.warm: dict[str, Any] | None = None
         self.rss: list[list[float]] = []
+        # [t, live heap bytes, free heap bytes] over all processes, after the server's last
+        # heap trim (its malloc statistics): tells a pile-up of live memory from fragmentation
+        self.heap: list[list[float]] = []
         self.state_errors: list[str] = []
         self.next_rid = 0
         self.stop = asyncio.Event()
@@ -240,8 +243,13 @@ class Soak:
                 pass
             t, rss = self.now(), None
             try:
-                rss = (await self.state())["process"]["rss_bytes"]
+                st = await self.state()
+                rss = st["process"]["rss_bytes"]
                 self.rss.append([round(t, 1), rss])
+                if heap := state_value(st, "memory_trim", "heap"):
+                    self.heap.append([round(t, 1),
+                                      sum(h["in_use_bytes"] for h in heap.values()),
+                                      sum(h["free_bytes"] for h in heap.values())])
             except Exception as e:  # noqa: BLE001 - recorded; the end state decides
                 self.state_errors.append(f"{t:.0f} s: {type(e).__name__}: {e}"[:300])
             done = {r.kind for r in self.ledger.sent.values() if r.outcome}
@@ -290,11 +298,14 @@ def write_plot(path: Path, report: dict[str, Any]) -> None:
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     if report["rss_series"]:
         ts, rss = zip(*report["rss_series"], strict=True)
-        ax1.plot(ts, [r / MIB for r in rss], marker=".")
+        ax1.plot(ts, [r / MIB for r in rss], marker=".", label="RSS")
+    if report.get("heap_series"):
+        ts, live, _ = zip(*report["heap_series"], strict=True)
+        ax1.plot(ts, [b / MIB for b in live], label="malloc live bytes (after last trim)")
     if report["warm"]:
         ax1.axvline(report["warm"]["t"], color="grey", ls="--", label="warm-up end")
-        ax1.legend()
-    ax1.set_ylabel("server RSS (MiB)")
+    ax1.legend()
+    ax1.set_ylabel("server memory (MiB)")
     if report["rate_series"]:
         ts, rate = zip(*report["rate_series"], strict=True)
         bin_s = report["config"]["sample_s"]
@@ -342,6 +353,7 @@ async def run_soak(args: argparse.Namespace, root: str) -> dict[str, Any]:
     return {"config": {**cfg, "base_url": root, "model": model}, "machine": machine_info(),
             "ran_s": round(ran_s, 1), "quiesce_s": quiesce_s, "counts": soak.ledger.counts(),
             "by_kind": soak.ledger.by_kind(), "warm": soak.warm, "rss_series": soak.rss,
+            "heap_series": soak.heap,
             "rss_floors": {"window_s": window_s, "warm": warm_floor, "end": end_floor},
             "rate_series": rate_series(soak.ledger, args.sample_s),
             "state_before": before, "state_after": after, "state_errors": soak.state_errors,

@@ -39,20 +39,26 @@ class MemoryTrimmer:
         self.ms_last = 0.0
         self._last_t = time.monotonic()
         self._completed_at_last = 0
+        # malloc's own account after the last trim, per engine (its workers summed) and for
+        # this process: live bytes that keep rising are a leak, free bytes fragmentation
+        self.heap: dict[str, dict[str, int]] = {}
 
     async def trim_once(self) -> int:
         """One pass over all processes; returns the bytes released."""
         if self.admission is not None:
             self._completed_at_last = self.admission.completed
         self._last_t = time.monotonic()
-        parts: list[dict[str, Any]] = [trim_heap()]
+        groups: dict[str, list[dict[str, Any]]] = {"api": [trim_heap()]}
         for name, engine in self.engines.items():
             if engine.errored:
                 continue
             try:
-                parts.extend(await engine.collective_rpc("specapprox_trim_memory"))
+                groups[name] = list(await engine.collective_rpc("specapprox_trim_memory"))
             except Exception as e:  # noqa: BLE001 - an engine dying now is the watchdog's job
                 log.warning("memory trim in the %s engine failed: %r", name, e)
+        parts = [p for group in groups.values() for p in group]
+        self.heap = {name: _sum_heaps(group) for name, group in groups.items()
+                     if all(p.get("heap") for p in group)}
         released = sum(p.get("released_bytes") or 0 for p in parts)
         self.runs += 1
         self.released_last = released
@@ -86,4 +92,10 @@ class MemoryTrimmer:
     def to_dict(self) -> dict[str, Any]:
         return {"interval_s": self.interval_s, "runs": self.runs,
                 "released_bytes_last": self.released_last,
-                "released_bytes_total": self.released_total, "ms_last": self.ms_last}
+                "released_bytes_total": self.released_total, "ms_last": self.ms_last,
+                "heap": self.heap}
+
+
+def _sum_heaps(parts: list[dict[str, Any]]) -> dict[str, int]:
+    keys = ("in_use_bytes", "free_bytes", "mmapped_bytes")
+    return {k: sum(p["heap"][k] for p in parts) for k in keys}

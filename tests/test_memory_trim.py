@@ -56,21 +56,49 @@ def test_trim_is_a_reported_no_op_without_glibc(monkeypatch: pytest.MonkeyPatch)
     memory._malloc_trim.cache_clear()
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libnonexistent.so.9")
     try:
-        assert memory.trim_heap() == {"supported": False, "released_bytes": None, "ms": 0.0}
+        assert memory.trim_heap() == {"supported": False, "released_bytes": None, "ms": 0.0,
+                                      "heap": None}
     finally:
         memory._malloc_trim.cache_clear()
 
 
+HEAP_CHILD = r"""
+import json
+from specapprox_vllm.memory import heap_stats
+
+before = heap_stats()
+live = [bytearray(1_000_000) for _ in range(64)]  # 64 MB that stay alive
+during = heap_stats()
+del live
+print(json.dumps({"before": before, "during": during, "after": heap_stats()}))
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallinfo2 is glibc's")
+def test_heap_stats_count_live_allocations() -> None:
+    r = subprocess.run([sys.executable, "-c", HEAP_CHILD], capture_output=True, text=True,
+                       check=True, timeout=120,
+                       env={"PATH": "/usr/bin:/bin", "PYTHONPATH": "."})
+    got = json.loads(r.stdout)
+    grew = got["during"]["in_use_bytes"] - got["before"]["in_use_bytes"]
+    assert 64e6 <= grew < 66e6, got  # the 64 MB allocated, plus object headers
+    assert got["after"]["in_use_bytes"] - got["before"]["in_use_bytes"] < 1e6, got
+
+
 class FakeEngine:
-    def __init__(self, released: int, errored: bool = False, fail: bool = False) -> None:
+    def __init__(self, released: int, errored: bool = False, fail: bool = False,
+                 workers: int = 1) -> None:
         self.released, self.errored, self.fail = released, errored, fail
+        self.workers = workers
         self.calls: list[str] = []
 
     async def collective_rpc(self, method: str) -> list[dict[str, Any]]:
         self.calls.append(method)
         if self.fail:
             raise RuntimeError("engine gone")
-        return [{"supported": True, "released_bytes": self.released, "ms": 2.5}]
+        heap = {"in_use_bytes": 100, "free_bytes": 10, "mmapped_bytes": 1}
+        return [{"supported": True, "released_bytes": self.released, "ms": 2.5, "heap": heap}
+                for _ in range(self.workers)]
 
 
 class FakeAdmission:
@@ -80,13 +108,17 @@ class FakeAdmission:
 
 
 async def test_one_pass_trims_every_live_engine_and_adds_up() -> None:
-    target, draft, dead = FakeEngine(30 << 20), FakeEngine(5 << 20), FakeEngine(1, errored=True)
+    target, draft = FakeEngine(15 << 20, workers=2), FakeEngine(5 << 20)
+    dead = FakeEngine(1, errored=True)
     t = MemoryTrimmer({"target": target, "draft": draft, "old": dead, "none": None}, 30.0)
     released = await t.trim_once()
     assert target.calls == draft.calls == ["specapprox_trim_memory"] and dead.calls == []
     assert released >= 35 << 20  # plus whatever this process gave back
     d = t.to_dict()
     assert d["runs"] == 1 and d["released_bytes_total"] == released and d["ms_last"] >= 2.5
+    assert d["heap"]["target"] == {"in_use_bytes": 200, "free_bytes": 20, "mmapped_bytes": 2}
+    assert d["heap"]["draft"]["in_use_bytes"] == 100 and set(d["heap"]) == {
+        "api", "target", "draft"}
 
 
 async def test_a_failing_engine_does_not_stop_the_others(caplog) -> None:

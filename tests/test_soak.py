@@ -67,7 +67,10 @@ def idle_state(rss_mb: int = 1000, draft: bool = True, **changes: Any) -> dict[s
         "compacted_kv": {"entries": 0, "bytes": 0}, "draft_captures": 0,
         "admission": {"active": 0, "queued": 0, "max_active": 64, "max_queued": 256,
                       "rejected": 0, "timed_out": 0},
-        "process": {"rss_bytes": rss_mb * MIB, "num_processes": 5}}
+        "process": {"rss_bytes": rss_mb * MIB, "num_processes": 5},
+        "memory_trim": {"interval_s": 30.0, "runs": 1, "heap": {
+            name: {"in_use_bytes": 300 * MIB, "free_bytes": 20 * MIB, "mmapped_bytes": MIB}
+            for name in ("api", "target", "draft")}}}
     if draft:
         st["engines"]["draft"] = dict(engine)
     st.update(changes)
@@ -357,6 +360,7 @@ def test_script_passes_a_clean_fake(tmp_path: Path) -> None:
     assert set(report["by_kind"]) == {"none", "specpc", "speckv", "snapkv", "streamingllm",
                                       "invalid"}
     assert report["warm"] and len(report["rss_series"]) >= 3 and report["rate_series"]
+    assert report["heap_series"][0][1:] == [900 * MIB, 60 * MIB]  # summed over processes
     assert report["state_before"]["admission"]["active"] == 0
     assert (tmp_path / "soak.png").read_bytes()[:4] == b"\x89PNG"
     assert fake.probes >= 2  # the baseline and the end state are exact reads
