@@ -39,12 +39,16 @@ print(json.dumps({"before": before, "after": vmrss(), "trim": out}))
 """
 
 
+def run_child(code: str) -> dict[str, Any]:
+    """Run ``code`` in a fresh interpreter; its JSON line on stdout."""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       check=True, timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": "."})
+    return json.loads(r.stdout)
+
+
 @pytest.mark.skipif(not GLIBC, reason="malloc_trim is glibc's")
 def test_trim_returns_freed_heap_pages_to_the_os() -> None:
-    r = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True,
-                       check=True, timeout=120,
-                       env={"PATH": "/usr/bin:/bin", "PYTHONPATH": "."})
-    got = json.loads(r.stdout)
+    got = run_child(CHILD)
     dropped = got["before"] - got["after"]
     assert got["trim"]["supported"] is True
     assert dropped > 100e6 and got["after"] < got["before"] / 2, got  # of ~200 MB freed
@@ -76,10 +80,7 @@ print(json.dumps({"before": before, "during": during, "after": heap_stats()}))
 
 @pytest.mark.skipif(not GLIBC, reason="mallinfo2 is glibc's")
 def test_heap_stats_count_live_allocations() -> None:
-    r = subprocess.run([sys.executable, "-c", HEAP_CHILD], capture_output=True, text=True,
-                       check=True, timeout=120,
-                       env={"PATH": "/usr/bin:/bin", "PYTHONPATH": "."})
-    got = json.loads(r.stdout)
+    got = run_child(HEAP_CHILD)
     grew = got["during"]["in_use_bytes"] - got["before"]["in_use_bytes"]
     assert 64e6 <= grew < 66e6, got  # the 64 MB allocated, plus object headers
     assert got["after"]["in_use_bytes"] - got["before"]["in_use_bytes"] < 1e6, got
