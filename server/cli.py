@@ -146,6 +146,25 @@ def _terminate_during_startup(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def engine_environment(exit_on_engine_death: bool) -> dict[str, str]:
+    """Environment defaults for the engine processes (they inherit the server's)."""
+    return {
+        # vLLM's CPU workers reserve one core for the front end by default, which on a 2-core
+        # machine pins every engine's worker to core 0. Our engines take turns (draft, then
+        # target), so let each use all cores unless the operator says otherwise.
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        # Engine death is handled by our watchdog (exit or stay up answering 503, per
+        # config); vLLM's own handler would otherwise stop the server on the first failure.
+        "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "0" if exit_on_engine_death else "1",
+        # vLLM's CPU linear layers compile a oneDNN matmul primitive per batch token count
+        # and keep the last 32 per weight shape themselves; oneDNN's process-wide cache kept
+        # 1,024 more (0.3-0.7 MB each), so the target worker grew ~1.1 MB per SpecKV request
+        # for hundreds of MB before levelling off (heaptrack, docs/reliability.md). With
+        # vLLM's own cache doing the reuse, the global one only held memory.
+        "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0",
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     # Our own handler on the "specapprox" logger: vLLM's and uvicorn's logging set-up replace
     # the root logger's handlers, which silently dropped our INFO lines (request log).
@@ -161,14 +180,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     ours.setLevel(cfg.server.log_level.upper())
     os.chdir(Path(PROJECT_ROOT))
-    # vLLM's CPU workers reserve one core for the front end by default, which on a 2-core
-    # machine pins every engine's worker to core 0. Our engines take turns (draft, then
-    # target), so let each use all cores unless the operator says otherwise.
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    # Engine death is handled by our watchdog (exit or stay up answering 503, per config);
-    # vLLM's own handler would otherwise stop the server on the first failed request.
-    os.environ.setdefault("VLLM_KEEP_ALIVE_ON_ENGINE_DEATH",
-                          "0" if cfg.server.exit_on_engine_death else "1")
+    for key, value in engine_environment(cfg.server.exit_on_engine_death).items():
+        os.environ.setdefault(key, value)  # the operator's own setting wins
     signal.signal(signal.SIGTERM, _terminate_during_startup)
     try:
         code = asyncio.run(serve(cfg))

@@ -39,11 +39,12 @@ print(json.dumps({"before": before, "after": vmrss(), "trim": out}))
 """
 
 
-def run_child(code: str) -> dict[str, Any]:
-    """Run ``code`` in a fresh interpreter; its JSON line on stdout."""
+def run_child(code: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``code`` in a fresh interpreter; its JSON line (the last) on stdout."""
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       check=True, timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": "."})
-    return json.loads(r.stdout)
+                       check=True, timeout=300,
+                       env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ".", **(env or {})})
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not GLIBC, reason="malloc_trim is glibc's")
@@ -148,3 +149,38 @@ async def test_trimming_off_means_no_loop() -> None:
     eng = FakeEngine(0)
     await MemoryTrimmer({"target": eng}, None).run()  # returns at once
     assert eng.calls == []
+
+
+# vLLM's CPU linear layer (oneDNN matmul, the op every engine step runs), called with 300
+# distinct batch token counts, as a long mixed workload does: each compiles a primitive.
+ONEDNN_CHILD = r"""
+import json
+import torch
+from vllm import _custom_ops as ops
+from specapprox_vllm.memory import heap_stats
+
+handler = ops.create_onednn_mm(torch.randn(1536, 576).t(), 32)  # vLLM's own cache: 32
+x = torch.randn(400, 576)
+for m in range(1, 9):
+    ops.onednn_mm(handler, x[:m], None)
+before = heap_stats()["in_use_bytes"]
+for m in range(9, 309):
+    ops.onednn_mm(handler, x[:m], None)
+print(json.dumps({"growth": heap_stats()["in_use_bytes"] - before}))
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallinfo2 is glibc's")
+def test_engine_environment_bounds_onednn_primitive_memory() -> None:
+    """The server's engine environment keeps oneDNN from holding a compiled primitive per
+    batch size seen (the target worker's growth in the soak); oneDNN's default does not."""
+    ops = pytest.importorskip("vllm._custom_ops")
+    if not getattr(ops, "_supports_onednn", False):
+        pytest.skip("this vLLM build has no oneDNN matmul (GPU builds)")
+    from server.cli import engine_environment
+
+    env = engine_environment(exit_on_engine_death=False)
+    ours = run_child(ONEDNN_CHILD, env)["growth"]
+    default = run_child(ONEDNN_CHILD)["growth"]
+    assert default > 50 * 2**20, default  # the control: 300 cached primitives, ~94 MiB here
+    assert ours < 20 * 2**20 and ours < default / 4, (ours, default)  # vLLM's 32 only
