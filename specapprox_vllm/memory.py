@@ -4,9 +4,9 @@ Why: an engine worker allocates activations of a different size at every step (p
 lengths and chunked-prefill batches vary). glibc keeps freed chunks in its arenas for reuse,
 and with varied sizes that free memory fragments and grows: in a soak the target worker's RSS
 climbed 2-4 MB per request although the live Python objects and tensors stayed constant, and
-one ``malloc_trim(0)`` returned most of it (docs/reliability.md, "Memory: heap trimming", which
-also describes the growth that trimming does not undo). Not a leak, but to an operator or an
-OOM killer it is indistinguishable from one.
+one ``malloc_trim(0)`` returned most of it (docs/reliability.md, "Memory: heap trimming"). Not
+a leak, but to an operator or an OOM killer it is indistinguishable from one. (The live growth
+that trimming could not undo was oneDNN's primitive cache: see ``server.cli.engine_environment``.)
 """
 
 from __future__ import annotations
@@ -20,16 +20,21 @@ from typing import Any
 import psutil
 
 
-@cache
-def _malloc_trim() -> Any | None:
-    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+def _libc_function(name: str) -> Any | None:
+    """A function of the C library, or None where it has none (musl, macOS, old glibc)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        fn = libc.malloc_trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
+
+
+@cache
+def _malloc_trim() -> Any | None:
+    """glibc's ``malloc_trim``, or None."""
+    fn = _libc_function("malloc_trim")
+    if fn is not None:
+        fn.argtypes = [ctypes.c_size_t]
+        fn.restype = ctypes.c_int
     return fn
 
 
@@ -42,12 +47,10 @@ class _Mallinfo2(ctypes.Structure):
 @cache
 def _mallinfo2() -> Any | None:
     """glibc's ``mallinfo2`` (2.33+), or None."""
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = []
-    fn.restype = _Mallinfo2
+    fn = _libc_function("mallinfo2")
+    if fn is not None:
+        fn.argtypes = []
+        fn.restype = _Mallinfo2
     return fn
 
 
