@@ -1,18 +1,12 @@
-#!/usr/bin/env python3
-"""Run the load tester from a checkout: ``python scripts/loadtest.py --help``.
+"""The load tester (also the ``specapprox-loadtest`` console script).
 
-Same program as the ``specapprox-loadtest`` console script (specapprox_vllm/loadtest/cli.py);
-this wrapper only puts the repository root on ``sys.path`` so it works without installing.
+Thin entry point, kept so that recorded commands (``python scripts/loadtest.py ...``) still
+work. The code is :mod:`specapprox_vllm.tools.loadtest.cli`; the same program::
+
+    python -m specapprox_vllm.tools.loadtest.cli --help
 """
 
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from specapprox_vllm.loadtest.cli import main  # noqa: E402
+from specapprox_vllm.tools.loadtest.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -21,8 +21,9 @@ from server.guard import Admission, AdmissionMiddleware, RequestContextMiddlewar
 from server.memory_trim import MemoryTrimmer
 from server.metrics import instrument
 from server.state import collect_state
-from specapprox_vllm.draft_scheduler import DraftScheduler
-from specapprox_vllm.policies import load_method_defaults, make_approx_config
+from specapprox_vllm.frontend.pipeline import build_scheduler
+from specapprox_vllm.policies import load_method_defaults, load_policy_modules, make_approx_config
+from specapprox_vllm.vllm_compat import build_openai_app
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 UNAUTHENTICATED_PATHS = ("/health",)
@@ -77,22 +78,18 @@ async def build_server_app(
     cfg: ServerConfig, vllm_args: Any, target: Any, draft: Any | None = None
 ) -> ServerApp:
     """vLLM's FastAPI app wrapped in our middleware, around our engine client."""
-    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-    from vllm.entrypoints.launchers.app import build_app
-
+    load_policy_modules(cfg.approx.policy_modules)
+    load_policy_modules()  # and those of $SPECAPPROX_POLICY_MODULES, as the engines do
     method_defaults = load_method_defaults(cfg.approx.methods_dir)
     default_cfg = make_approx_config(cfg.approx.default_method, None,
                                      method_defaults.get(cfg.approx.default_method))
-    scheduler = DraftScheduler(draft, on_draft_failure=cfg.approx.on_draft_failure)
-    from specapprox_vllm.serving import register_methods
-
-    register_methods(scheduler, target, draft, draft_timeout_s=cfg.approx.draft_timeout_s)
+    scheduler = build_scheduler(target, draft, draft_timeout_s=cfg.approx.draft_timeout_s,
+                                on_draft_failure=cfg.approx.on_draft_failure)
     scheduler.check_supported(cfg.approx.default_method)
     client = ApproxEngineClient(target, scheduler, default_cfg, draft)
 
     supported_tasks = await target.get_supported_tasks()
-    app = build_app(vllm_args, supported_tasks, target.model_config)
-    await init_app_state(client, app.state, vllm_args, supported_tasks)
+    app = await build_openai_app(vllm_args, client, supported_tasks, target.model_config)
     app.state.specapprox_config = cfg
     admission = Admission(cfg.server.max_active_requests, cfg.server.max_queued_requests,
                           cfg.server.request_timeout_s)

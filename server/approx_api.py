@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from server.engine_client import CURRENT_REQUEST, RequestApprox
-from specapprox_vllm.draft_scheduler import ApproxStats, DraftScheduler
+from specapprox_vllm.frontend.scheduler import ApproxStats, DraftScheduler
 from specapprox_vllm.policies import make_approx_config
 
 APPROX_PATHS = ("/v1/chat/completions", "/v1/completions")

@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 
 from server.config import PROJECT_ROOT, ConfigError, _parse_scalar, env_name, leaf_keys, load_config
+from specapprox_vllm.policies import POLICY_MODULES_ENV
 
 log = logging.getLogger("specapprox.serve")
 SHORT_FLAGS = {"host": "server.host", "port": "server.port", "api_key": "server.api_key",
@@ -182,6 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     os.chdir(Path(PROJECT_ROOT))
     for key, value in engine_environment(cfg.server.exit_on_engine_death).items():
         os.environ.setdefault(key, value)  # the operator's own setting wins
+    # The engine processes load the same extra methods as this one (register() reads it).
+    modules = [m for m in os.environ.get(POLICY_MODULES_ENV, "").split(",") if m]
+    modules += [m for m in cfg.approx.policy_modules if m not in modules]
+    if modules:
+        os.environ[POLICY_MODULES_ENV] = ",".join(modules)
     signal.signal(signal.SIGTERM, _terminate_during_startup)
     try:
         code = asyncio.run(serve(cfg))

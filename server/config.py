@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from specapprox_vllm.policies import DEFAULT_METHOD, load_policy_modules, method_names
 
 ENV_PREFIX = "SPECAPPROX_"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -56,8 +65,8 @@ class EngineConfig(_Strict):
 
 
 class DraftConfig(EngineConfig):
-    enabled: bool = Field(True, description="start the draft engine (needed by specpc, "
-                          "speckv, speckv_pc; the server offers only what it can run)")
+    enabled: bool = Field(True, description="start the draft engine (needed by the methods "
+                          "that use a draft; the server offers only what it can run)")
     kv_cache_memory_gib: float = Field(0.5, gt=0)
 
 
@@ -91,8 +100,18 @@ class ServerSection(_Strict):
         "(empty: CORS off)")
 
 
+def _module_spec(spec: str, base: Path = PROJECT_ROOT) -> str:
+    """A policy module: a dotted name as is, a relative ``.py`` path from the project root."""
+    if spec.endswith(".py") and not Path(spec).is_absolute():
+        return str((base / spec).resolve())
+    return spec
+
+
 class ApproxSection(_Strict):
-    default_method: str = "none"
+    policy_modules: list[str] = Field(
+        default_factory=list, description="modules that register more methods, loaded in "
+        "the server and every engine process: dotted names or .py paths")
+    default_method: str = DEFAULT_METHOD
     methods_dir: str = "configs/methods"
     on_draft_failure: Literal["fallback", "error"] = Field(
         "fallback", description="when the draft engine fails or times out: serve the request "
@@ -102,11 +121,12 @@ class ApproxSection(_Strict):
 
     @field_validator("default_method")
     @classmethod
-    def _known(cls, v: str) -> str:
-        from specapprox_vllm.policies.config import METHODS
-
-        if v not in METHODS:
-            raise ValueError(f"unknown method {v!r}; expected one of {', '.join(METHODS)}")
+    def _known(cls, v: str, info: ValidationInfo) -> str:
+        # Methods of policy_modules count too: load them first (idempotent).
+        load_policy_modules([_module_spec(m) for m in info.data.get("policy_modules", [])])
+        if v not in method_names():
+            raise ValueError(f"unknown method {v!r}; expected one of "
+                             f"{', '.join(method_names())}")
         return v
 
 
@@ -126,6 +146,7 @@ class ServerConfig(_Strict):
         p = Path(self.approx.methods_dir)
         if not p.is_absolute():
             self.approx.methods_dir = str((base / p).resolve())
+        self.approx.policy_modules = [_module_spec(m, base) for m in self.approx.policy_modules]
         return self
 
 

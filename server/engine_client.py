@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
-from specapprox_vllm.draft_scheduler import ApproxStats, DraftScheduler
+from specapprox_vllm.frontend.scheduler import ApproxStats, DraftScheduler
 from specapprox_vllm.policies import ApproxConfig
 
 

@@ -13,10 +13,11 @@ import logging
 from typing import Any
 
 from server.config import EngineConfig, ServerConfig
+from specapprox_vllm.vllm_compat import serve_arg_parser, validate_serve_args
+from specapprox_vllm.wire import CONNECTOR_CONFIG, WORKER_EXTENSION
 
 log = logging.getLogger("specapprox.engines")
 GiB = 1 << 30
-WORKER_EXTENSION = "specapprox_vllm.worker_ext.SpecApproxWorkerExtension"
 
 
 def _engine_flags(e: EngineConfig) -> list[str]:
@@ -47,39 +48,32 @@ def _engine_flags(e: EngineConfig) -> list[str]:
 def target_flags(e: EngineConfig) -> list[str]:
     """The target's flags: its engine flags plus the SpecKV KV connector, which injects
     compacted KV into decode requests and does nothing for any other request."""
-    from specapprox_vllm.kv_connector import CONNECTOR_CONFIG
-
     return _engine_flags(e) + ["--kv-transfer-config", json.dumps(CONNECTOR_CONFIG)]
 
 
 def vllm_server_args(cfg: ServerConfig) -> argparse.Namespace:
     """The ``Namespace`` ``vllm serve`` would build for the target engine."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
     flags = target_flags(cfg.target) + [
         "--served-model-name", cfg.server.served_model_name,
         "--host", cfg.server.host, "--port", str(cfg.server.port),
         "--disable-uvicorn-access-log",
         "--allowed-origins", json.dumps(cfg.server.cors_allowed_origins),
     ]
-    args = make_arg_parser(FlexibleArgumentParser()).parse_args(flags)
-    validate_parsed_serve_args(args)
+    args = serve_arg_parser().parse_args(flags)
+    validate_serve_args(args)
     return args
 
 
 def draft_engine_args(cfg: ServerConfig) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     draft = cfg.draft
     if draft.num_layers is not None:
-        from specapprox_vllm.truncate import truncated_checkpoint
+        from specapprox_vllm.tools.truncate import truncated_checkpoint
 
         draft = draft.model_copy(update={"model": str(truncated_checkpoint(draft.model,
                                                                            draft.num_layers))})
-    args = make_arg_parser(FlexibleArgumentParser()).parse_args(_engine_flags(draft))
+    args = serve_arg_parser().parse_args(_engine_flags(draft))
     return AsyncEngineArgs.from_cli_args(args)
 
 

@@ -98,7 +98,7 @@ class RequestContextMiddleware:
         finally:
             if scope["path"] not in QUIET_PATHS:
                 log.info("request %s %s %s -> %s in %.0f ms approx=%s", rid,
-                         scope.get("method"), scope["path"], status[0] if status else "none",
+                         scope.get("method"), scope["path"], status[0] if status else "-",
                          1e3 * (time.perf_counter() - t0), scope.get(METHOD_SCOPE_KEY, "-"))
 
 

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from specapprox_vllm.memory import trim_heap
+from specapprox_vllm.wire import RPC
 
 log = logging.getLogger("specapprox.memory")
 
@@ -53,7 +54,7 @@ class MemoryTrimmer:
             if engine.errored:
                 continue
             try:
-                groups[name] = list(await engine.collective_rpc("specapprox_trim_memory"))
+                groups[name] = list(await engine.collective_rpc(RPC.TRIM_MEMORY))
             except Exception as e:  # noqa: BLE001 - an engine dying now is the watchdog's job
                 log.warning("memory trim in the %s engine failed: %r", name, e)
         parts = [p for group in groups.values() for p in group]

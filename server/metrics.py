@@ -19,7 +19,7 @@ Two observers feed them:
   the scheduler stats of every engine step (queue depth, running requests, KV-cache usage) for
   the target and the draft engine alike, labelled ``engine="target"|"draft"``.
 
-Label values are bounded: ``method`` in ``METHODS`` + ``"invalid"``, ``endpoint`` in
+Label values are bounded: ``method`` in the policy registry + ``"invalid"``, ``endpoint`` in
 ``chat``/``completions``, ``status`` a class (``2xx``...), ``engine`` target/draft.
 """
 
@@ -32,10 +32,11 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 
 from server.approx_api import APPROX_SCOPE_KEY, METHOD_SCOPE_KEY
-from specapprox_vllm.policies import METHODS
+from specapprox_vllm.policies import POLICIES
+from specapprox_vllm.vllm_compat import kv_pool_blocks, scheduler_view, stat_loggers
 
 log = logging.getLogger("specapprox.metrics")
-METHOD_LABELS: tuple[str, ...] = (*METHODS, "invalid")
+INVALID_LABEL = "invalid"
 ENDPOINT_LABELS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 ENGINE_LABELS = ("target", "draft")
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
@@ -83,12 +84,12 @@ ENGINE_OBSERVED = Gauge("specapprox_engine_stats_observed", "1 when the engine's
 
 
 def status_class(status: int | None) -> str:
-    """``2xx`` .. ``5xx``; ``none`` when no response was started (client went away)."""
-    return f"{status // 100}xx" if status and 100 <= status < 600 else "none"
+    """``2xx`` .. ``5xx``; ``no_response`` when none was started (client went away)."""
+    return f"{status // 100}xx" if status and 100 <= status < 600 else "no_response"
 
 
 def method_label(value: Any) -> str:
-    return value if value in METHODS else "invalid"
+    return value if value in POLICIES else INVALID_LABEL
 
 
 def observe_stats(method: str, stats: list[Any]) -> None:
@@ -150,22 +151,19 @@ class EngineStatsObserver:
         self.last: dict[str, int] = {}  # the latest values (``/specapprox/state``)
 
     def _usable_blocks(self) -> int | None:
-        cache = getattr(getattr(self.engine, "vllm_config", None), "cache_config", None)
-        total = getattr(cache, "num_gpu_blocks", None)
+        total = kv_pool_blocks(self.engine)
         return total - 1 if total else None  # block 0 is vLLM's null block
 
     def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
                engine_idx: int = 0) -> None:
         if scheduler_stats is None:
             return
-        ENGINE_WAITING.labels(self.label).set(
-            scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs)
-        ENGINE_RUNNING.labels(self.label).set(scheduler_stats.num_running_reqs)
-        usage = float(scheduler_stats.kv_cache_usage)
+        view = scheduler_view(scheduler_stats)
+        ENGINE_WAITING.labels(self.label).set(view.waiting)
+        ENGINE_RUNNING.labels(self.label).set(view.running)
+        usage = view.kv_cache_usage
         KV_USAGE.labels(self.label).set(usage)
-        self.last.update(waiting=scheduler_stats.num_waiting_reqs
-                         + scheduler_stats.num_skipped_waiting_reqs,
-                         running=scheduler_stats.num_running_reqs)
+        self.last.update(waiting=view.waiting, running=view.running)
         total = self._usable_blocks()
         if total:
             used = round(usage * total)
@@ -194,7 +192,7 @@ class EngineStatsObserver:
 
 def observer_of(engine: Any) -> EngineStatsObserver | None:
     """The observer attached to ``engine`` (None when its stats are disabled)."""
-    loggers = getattr(getattr(engine, "logger_manager", None), "stat_loggers", None) or []
+    loggers = stat_loggers(engine) or []
     return next((x for x in loggers if isinstance(x, EngineStatsObserver)), None)
 
 
@@ -206,9 +204,8 @@ def attach_engine_observers(engines: dict[str, Any]) -> None:
     for label, engine in engines.items():
         if engine is None:
             continue
-        manager = getattr(engine, "logger_manager", None)
-        loggers = getattr(manager, "stat_loggers", None)
-        if not isinstance(loggers, list):
+        loggers = stat_loggers(engine)
+        if loggers is None:
             log.warning("engine %s has no stat logger manager: no queue/KV metrics", label)
             ENGINE_OBSERVED.labels(label).set(0)
             continue
@@ -225,5 +222,5 @@ def instrument(app: Any, engines: dict[str, Any]) -> MetricsMiddleware:
     return MetricsMiddleware(app)
 
 
-__all__ = ["METHOD_LABELS", "EngineStatsObserver", "MetricsMiddleware",
+__all__ = ["INVALID_LABEL", "EngineStatsObserver", "MetricsMiddleware",
            "attach_engine_observers", "instrument", "observe_stats", "observer_of"]

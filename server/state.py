@@ -18,8 +18,9 @@ from typing import Any
 import psutil
 
 from server.metrics import observer_of
-from specapprox_vllm.kv_runner import TargetKVRunner
+from specapprox_vllm.frontend.target_runner import TargetKVRunner
 from specapprox_vllm.vllm_compat import engine_pids
+from specapprox_vllm.wire import RPC
 
 
 async def _probe(engine: Any) -> None:
@@ -74,5 +75,5 @@ async def collect_state(client: Any, admission: Any, probe: bool = False,
         out["compacted_kv"] = {"entries": sum(p["entries"] for p in parts),
                                "bytes": sum(p["bytes"] for p in parts)}
     if client.draft is not None and not client.draft.errored:
-        out["draft_captures"] = sum(await client.draft.collective_rpc("specapprox_capture_count"))
+        out["draft_captures"] = sum(await client.draft.collective_rpc(RPC.PROMPT_SCORE_COUNT))
     return out

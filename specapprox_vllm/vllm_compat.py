@@ -1,56 +1,80 @@
 """Every place where specapprox-vllm touches vLLM internals, in one module.
 
-vLLM does not promise stability for the internals we rely on (attention-backend impl
-signatures, scheduler request fields, the OpenAI app builders). This module pins the version
-and names each patch point, and ``tests/test_vllm_compat.py`` checks that they still exist,
-so an upgrade fails loudly instead of silently serving wrong results.
+vLLM does not promise stability for what we rely on: attention-backend impl signatures and
+metadata fields, the CPU paged-KV layout, the model runner's per-step request state, rotary
+internals, the KV-connector's view of the block pool, stat loggers, the OpenAI app builders.
+Each of these is reached through a named function here, :data:`PATCH_POINTS` lists the vLLM
+symbols behind each function, and ``tests/test_vllm_compat.py`` has a test per function, so a
+vLLM upgrade fails in one place instead of silently serving wrong results. The rest of the
+product imports only vLLM's public API (``SamplingParams``, ``AsyncLLM``, ``AsyncEngineArgs``,
+``vllm.exceptions``, the KV-connector base classes it implements) and this module.
+
+Engine-side hooks are installed by :func:`install_hooks` (from ``specapprox_vllm.register()``
+in every vLLM process); the callbacks they call live in ``specapprox_vllm/worker``, which hands
+them to :func:`make_cpu_backend`, so this module imports none of our worker code.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-SUPPORTED_VLLM_SERIES = "0.32."
+import torch
+from torch import Tensor
 
-# (module, attribute) pairs the product uses; checked by tests/test_vllm_compat.py.
-PATCH_POINTS: tuple[tuple[str, str], ...] = (
-    ("vllm.entrypoints.launchers.app", "build_app"),
-    ("vllm.entrypoints.launchers.api_server.app_state", "init_app_state"),
-    ("vllm.entrypoints.launchers.cli_args", "make_arg_parser"),
-    ("vllm.entrypoints.launchers.cli_args", "validate_parsed_serve_args"),
-    ("vllm.v1.engine.async_llm", "AsyncLLM"),
-    ("vllm.engine.arg_utils", "AsyncEngineArgs"),
-    ("vllm.engine.protocol", "EngineClient"),
-    # SpecPC draft capture
-    ("vllm.v1.attention.backends.registry", "register_backend"),
-    ("vllm.v1.attention.backends.registry", "AttentionBackendEnum"),
-    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackend"),
-    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl"),
-    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"),
-    # SpecKV: compacted KV injected into the decode request by an out-of-tree connector;
-    # kept keys re-rotated with the model's own rotary module
-    ("vllm.distributed.kv_transfer.kv_connector.v1.base", "KVConnectorBase_V1"),
-    ("vllm.distributed.kv_transfer.kv_connector.v1.base", "KVConnectorMetadata"),
-    ("vllm.model_executor.layers.rotary_embedding.base", "RotaryEmbedding"),
-    ("vllm.model_executor.layers.rotary_embedding.common", "ApplyRotaryEmb"),
-    ("vllm.model_executor.layers.attention.attention", "Attention"),
-    # per-engine metrics (server/metrics.py): stat loggers and scheduler stats
-    ("vllm.v1.metrics.loggers", "StatLoggerManager"),
-    ("vllm.v1.metrics.stats", "SchedulerStats"),
-    # reliability (server/guard.py, server/state.py): engine processes, retryable 503s
-    ("vllm.v1.engine.core_client", "BackgroundResources"),
-    ("vllm.v1.engine.utils", "CoreEngineProcManager"),
-    ("vllm.exceptions", "RetryableRequestError"),
-)
+SUPPORTED_VLLM_SERIES = "0.32."
+CPU_BACKEND_PATH = "specapprox_vllm.worker.cpu_backend.CaptureCPUBackend"
+
+#: compat function -> the vLLM symbols (``module:attribute``) it relies on. Each function has
+#: a test in tests/test_vllm_compat.py, and every symbol must still exist.
+PATCH_POINTS: dict[str, tuple[str, ...]] = {
+    "install_hooks": ("vllm.v1.attention.backends.registry:register_backend",
+                      "vllm.v1.attention.backends.registry:AttentionBackendEnum"),
+    "make_cpu_backend": ("vllm.v1.attention.backends.cpu_attn:CPUAttentionBackend",
+                         "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl"),
+    "patch_model_runner": ("vllm.v1.worker.gpu_model_runner:GPUModelRunner",),
+    "step_extra_args": ("vllm.v1.worker.gpu_input_batch:CachedRequestState",),
+    "batch_row": ("vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadata",),
+    "attention_scale": ("vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl",),
+    "paged_keys": ("vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl",),
+    "paged_values": ("vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl",),
+    "write_kv": ("vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl",),
+    "attention_layers": ("vllm.model_executor.layers.attention.attention:Attention",),
+    "rotary_for_layer": ("vllm.model_executor.layers.rotary_embedding.base:RotaryEmbedding",),
+    "rerotate": ("vllm.model_executor.layers.rotary_embedding.common:ApplyRotaryEmb",),
+    "check_rerotation": ("vllm.model_executor.layers.rotary_embedding.base:RotaryEmbedding",),
+    "block_pool_stats": ("vllm.distributed.kv_transfer.kv_connector.v1.base:KVConnectorBase_V1",
+                         "vllm.v1.core.block_pool:BlockPool"),
+    "kv_geometry": ("vllm.config.cache:CacheConfig",),
+    "kv_pool_blocks": ("vllm.config.cache:CacheConfig",),
+    "stat_loggers": ("vllm.v1.metrics.loggers:StatLoggerManager",),
+    "scheduler_view": ("vllm.v1.metrics.stats:SchedulerStats",),
+    "engine_pids": ("vllm.v1.engine.core_client:BackgroundResources",
+                    "vllm.v1.engine.utils:CoreEngineProcManager"),
+    "serve_arg_parser": ("vllm.entrypoints.launchers.cli_args:make_arg_parser",
+                         "vllm.utils.argparse_utils:FlexibleArgumentParser"),
+    "validate_serve_args": ("vllm.entrypoints.launchers.cli_args:validate_parsed_serve_args",),
+    "build_openai_app": ("vllm.entrypoints.launchers.app:build_app",
+                         "vllm.entrypoints.launchers.api_server.app_state:init_app_state"),
+}
 
 # Signatures we wrap; a change here must fail the compat tests, not corrupt outputs.
 IMPL_FORWARD_PARAMS = ("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata",
                        "output")
 PREPARE_INPUTS_PARAMS = ("self", "scheduler_output", "num_scheduled_tokens")
-CPU_BACKEND_PATH = "specapprox_vllm.cpu_backend.CaptureCPUBackend"
+SUPPORTED_CPU_ISAS = ("vec",)
 
 
 class UnsupportedVLLMVersion(RuntimeError):
+    pass
+
+
+class UnsupportedKVLayout(RuntimeError):
+    pass
+
+
+class UnsupportedRope(RuntimeError):
     pass
 
 
@@ -70,19 +94,18 @@ def check_vllm_version(version: str | None = None) -> None:
         )
 
 
+# ---------------------------------------------------------------- engine hooks (workers)
 def install_hooks() -> None:
-    """Install the engine-side hooks. Called from :func:`specapprox_vllm.register` in every
-    vLLM process: idempotent and import-light (the registry module imports no model code).
-
-    The CPU_ATTN override is resolved lazily by vLLM, in the worker, when the model's
-    attention layers are built; it does work only for requests flagged for capture.
-    """
+    """Point vLLM's CPU_ATTN backend at ours (resolved lazily, in the workers, when the
+    model's attention layers are built). Idempotent and import-light."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND_PATH)
 
 
-_RUNNER_PATCHED = False
+StepHook = Callable[[Any, dict[int, dict[str, Any]]], None]
+AttentionHook = Callable[[Any, Any, Tensor, Tensor, Any], None]
+_RUNNER_PATCHED: list[StepHook] = []
 
 
 def step_extra_args(req_ids: list[str | None], requests: dict[str, Any]
@@ -98,66 +121,48 @@ def step_extra_args(req_ids: list[str | None], requests: dict[str, Any]
     return out
 
 
-def engine_pids(engine: Any) -> list[int]:
-    """PIDs of an ``AsyncLLM``'s engine-core processes (``engine_core.resources.
-    engine_manager.processes``); empty when the engine runs in-process or the layout moved."""
-    manager = getattr(getattr(getattr(engine, "engine_core", None), "resources", None),
-                      "engine_manager", None)
-    return [p.pid for p in getattr(manager, "processes", None) or [] if p.pid is not None]
-
-
-def patch_model_runner() -> None:
-    """Wrap the V1 model runner's ``_prepare_inputs`` to publish which batch rows belong to
-    flagged requests (SpecPC draft capture, SpecKV scoring): attention metadata has no
-    request ids.
+def patch_model_runner(on_step: StepHook) -> None:
+    """Wrap the V1 model runner's ``_prepare_inputs`` so that ``on_step(runner, extras)``
+    learns, once per model step, which batch rows carry ``extra_args``.
 
     V1 runner only: on CUDA, vLLM 0.32 defaults to Model Runner V2, which needs the same
     publication from its ``prepare_attn`` (docs/design.md); the CPU build always runs V1.
-    Called from the capture backend's impl constructor, i.e. in worker processes only.
     """
-    global _RUNNER_PATCHED
     if _RUNNER_PATCHED:
         return
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    from specapprox_vllm import capture, kv_compact
 
     original = GPUModelRunner._prepare_inputs
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):  # type: ignore[no-untyped-def]
         out = original(self, scheduler_output, num_scheduled_tokens)
-        extras = step_extra_args(self.input_batch.req_ids[: self.input_batch.num_reqs],
-                                 self.requests)
-        capture.publish_step(extras)
-        kv_compact.publish_step(extras, self)
+        batch = self.input_batch
+        on_step(self, step_extra_args(batch.req_ids[: batch.num_reqs], self.requests))
         return out
 
     GPUModelRunner._prepare_inputs = _prepare_inputs
-    _RUNNER_PATCHED = True
+    _RUNNER_PATCHED.append(on_step)
 
 
-def make_capture_cpu_backend() -> type:
-    """CPU_ATTN with post-attention hooks: SpecPC capture (:mod:`specapprox_vllm.capture`)
-    and SpecKV compaction (:mod:`specapprox_vllm.kv_compact`)."""
+def make_cpu_backend(after_attention: AttentionHook, on_step: StepHook) -> type:
+    """CPU_ATTN whose ``forward`` calls ``after_attention(impl, layer, query, kv_cache,
+    attn_metadata)`` once the real attention has run (the step's K/V are in the paged cache
+    by then); its impl installs :func:`patch_model_runner` with ``on_step``."""
     from vllm.v1.attention.backends.cpu_attn import (
         CPUAttentionBackend,
         CPUAttentionBackendImpl,
     )
 
-    from specapprox_vllm.capture import capture_layer
-    from specapprox_vllm.kv_compact import compact_layer
-
     class CaptureCPUImpl(CPUAttentionBackendImpl):
         def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
             super().__init__(*args, **kwargs)
-            patch_model_runner()
+            patch_model_runner(on_step)
 
         def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,  # type: ignore[no-untyped-def]
                     *args, **kwargs):
             out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                   *args, **kwargs)
-            capture_layer(self, layer, query, kv_cache, attn_metadata)
-            compact_layer(self, layer, query, kv_cache, attn_metadata)
+            after_attention(self, layer, query, kv_cache, attn_metadata)
             return out
 
     class CaptureCPUBackend(CPUAttentionBackend):
@@ -166,3 +171,224 @@ def make_capture_cpu_backend() -> type:
             return CaptureCPUImpl
 
     return CaptureCPUBackend
+
+
+@dataclass
+class BatchRow:
+    """One request's part of a model step, from the attention metadata: its query rows
+    ``[q_start, q_end)`` in the flattened batch, the tokens with KV after the step, and its
+    row of the block table."""
+
+    q_start: int
+    q_end: int
+    seq_len: int
+    block_table: Tensor
+
+    @property
+    def computed_before(self) -> int:
+        """Tokens whose KV existed before this step (earlier chunks or prefix-cache hits)."""
+        return self.seq_len - (self.q_end - self.q_start)
+
+    def overlap(self, positions: range) -> range:
+        """The positions among ``positions`` whose queries this step computes."""
+        return range(max(self.computed_before, positions.start),
+                     min(self.seq_len, positions.stop))
+
+    def queries(self, query: Tensor, positions: range) -> Tensor:
+        """This step's query rows at ``positions`` (a sub-range of :meth:`overlap`)."""
+        first = self.q_start - self.computed_before
+        return query[first + positions.start: first + positions.stop]
+
+
+def batch_row(attn_metadata: Any, row: int) -> BatchRow | None:
+    """Batch row ``row`` of this step (None when the step has no such row)."""
+    qsl = attn_metadata.query_start_loc
+    if row + 1 >= qsl.shape[0]:
+        return None
+    return BatchRow(int(qsl[row]), int(qsl[row + 1]), int(attn_metadata.seq_lens[row]),
+                    attn_metadata.block_table[row])
+
+
+def attention_scale(impl: Any) -> float:
+    """The softmax scale the attention impl applies to ``q k^T``."""
+    return float(impl.scale)
+
+
+def _pages(layer: Any, kv_cache: Tensor, part: int) -> tuple[Tensor, int]:
+    """CPU_ATTN keeps one tensor per layer, ``[num_blocks, H_kv, block_size, 2*D]``: per
+    (block, head) page the K part, then the V part. With ``isa == "vec"`` (fp32, or any dtype
+    without AMX) K is stored transposed, ``[D, block_size]``, V row-major ``[block_size, D]``
+    (checked by tests/test_vllm_compat.py against the backend's own writer). The ``amx`` ISA
+    (bf16 on AMX CPUs) packs K differently and is refused."""
+    isa = getattr(layer, "isa", None)
+    if isa not in SUPPORTED_CPU_ISAS:
+        raise UnsupportedKVLayout(
+            f"paged-KV reader supports CPU_ATTN isa {SUPPORTED_CPU_ISAS}, got {isa!r}: run the "
+            "engine in float32 (bf16 on AMX CPUs uses the packed 'amx' layout)")
+    nb, kvh, bs, two_d = kv_cache.shape
+    d = two_d // 2
+    pages = kv_cache.view(nb, kvh, 2, bs * d)[:, :, part]
+    return (pages.view(nb, kvh, d, bs) if part == 0 else pages.view(nb, kvh, bs, d)), bs
+
+
+def paged_keys(layer: Any, kv_cache: Tensor, block_table: Tensor, positions: Tensor) -> Tensor:
+    """Keys ``[T, H_kv, D]`` of one request's tokens at ``positions``, from the paged cache."""
+    pages, bs = _pages(layer, kv_cache, 0)
+    return pages[block_table[positions // bs].long(), :, :, positions % bs]
+
+
+def paged_values(layer: Any, kv_cache: Tensor, block_table: Tensor, positions: Tensor
+                 ) -> Tensor:
+    """Values ``[T, H_kv, D]`` of one request's tokens at ``positions``."""
+    pages, bs = _pages(layer, kv_cache, 1)
+    return pages[block_table[positions // bs].long(), :, positions % bs, :]
+
+
+def write_kv(layer: Any, keys: Tensor, values: Tensor, slots: Tensor) -> None:
+    """Write ``[T, H_kv, D]`` K/V rows into the layer's paged cache at flat ``slots``
+    (``block * block_size + offset``) with the backend's own writer."""
+    layer.impl.do_kv_cache_update(layer, keys, values, layer.kv_cache, slots)
+
+
+def attention_layers(forward_context: Any) -> dict[str, Any]:
+    """The model's attention layers by name (what a KV connector loads into)."""
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    return {n: m for n, m in forward_context.no_compile_layers.items()
+            if isinstance(m, Attention)}
+
+
+# ---------------------------------------------------------------- rotary embeddings
+def rotary_for_layer(runner: Any, layer_name: str) -> Any:
+    """The rotary module of the attention block owning ``layer_name`` (``...self_attn``),
+    refused unless it is a standard position-independent RoPE that re-rotation reproduces."""
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+
+    parent = runner.get_model().get_submodule(layer_name.rsplit(".", 1)[0])
+    rope = getattr(parent, "rotary_emb", None)
+    if not isinstance(rope, RotaryEmbedding) or (
+            type(rope).forward_native is not RotaryEmbedding.forward_native):
+        raise UnsupportedRope(
+            f"{layer_name}: KV compaction re-rotates keys, which needs a standard "
+            f"position-independent RoPE; found {type(rope).__name__}")
+    check_rerotation(rope)
+    return rope
+
+
+def rerotate(keys: Tensor, rope: Any, delta: int) -> Tensor:
+    """Post-RoPE keys ``[T, H, D]`` at positions ``p`` -> the same keys at ``p - delta``."""
+    from vllm.model_executor.layers.rotary_embedding.common import ApplyRotaryEmb
+
+    if delta == 0:
+        return keys
+    rot = rope.rotary_dim
+    cos, sin = rope.cos_sin_cache[delta].float().chunk(2, dim=-1)
+    x = keys.float()
+    t = x.shape[0]
+    turned = ApplyRotaryEmb.forward_static(x[..., :rot], cos.expand(t, -1),
+                                           (-sin).expand(t, -1), rope.is_neox_style)
+    return torch.cat([turned, x[..., rot:]], dim=-1).to(keys.dtype)
+
+
+def check_rerotation(rope: Any) -> None:
+    """Refuse a RoPE that :func:`rerotate` does not reproduce numerically."""
+    g = torch.Generator().manual_seed(0)
+    t, h, d = 4, 2, rope.head_size
+    k = torch.randn(t, h * d, generator=g)
+    p = torch.tensor([700, 701, 1500, 2047]).clamp_max(rope.cos_sin_cache.shape[0] - 1)
+    delta = int(p.min()) - 3
+    dummy = torch.zeros(t, h * d)
+    cache = rope.cos_sin_cache.float()
+    _, at_p = rope.forward_static(p, dummy, k.clone(), d, rope.rotary_dim, cache,
+                                  rope.is_neox_style)
+    _, want = rope.forward_static(p - delta, dummy, k.clone(), d, rope.rotary_dim, cache,
+                                  rope.is_neox_style)
+    err = (rerotate(at_p.view(t, h, d), rope, delta) - want.view(t, h, d)).abs().max().item()
+    if err > 1e-3:
+        raise UnsupportedRope(f"re-rotation mismatch {err:.2e} for {type(rope).__name__}")
+
+
+# ---------------------------------------------------------------- scheduler and engine
+def block_pool_stats(connector: Any) -> tuple[int, int] | None:
+    """(free blocks, all blocks) of the KV pool, from a scheduler-side KV connector."""
+    pool = getattr(getattr(connector, "_kv_cache_manager", None), "block_pool", None)
+    return None if pool is None else (pool.get_num_free_blocks(), pool.num_gpu_blocks)
+
+
+@dataclass
+class KVGeometry:
+    block_size: int  # tokens per KV block
+    num_blocks: int | None  # blocks in the pool (None before the engine has profiled)
+    num_layers: int
+    token_bytes: int  # one token's K and V over all layers and KV heads
+
+
+def kv_pool_blocks(engine: Any) -> int | None:
+    """Blocks in an ``AsyncLLM``'s KV pool, block 0 (vLLM's null block) included; None
+    before the engine has sized its cache."""
+    cache = getattr(getattr(engine, "vllm_config", None), "cache_config", None)
+    return getattr(cache, "num_gpu_blocks", None)
+
+
+def kv_geometry(engine: Any) -> KVGeometry:
+    """An ``AsyncLLM``'s KV-cache shape (for usage.approx byte counts and state routes)."""
+    model = engine.model_config
+    layers = int(model.hf_config.num_hidden_layers)
+    token_bytes = (2 * layers * model.get_total_num_kv_heads() * model.get_head_size()
+                   * model.dtype.itemsize)
+    return KVGeometry(int(engine.vllm_config.cache_config.block_size), kv_pool_blocks(engine),
+                      layers, token_bytes)
+
+
+def stat_loggers(engine: Any) -> list[Any] | None:
+    """The list of stat loggers an ``AsyncLLM`` calls with each step's stats (None when the
+    engine was built with stats disabled); appending to it adds a logger."""
+    loggers = getattr(getattr(engine, "logger_manager", None), "stat_loggers", None)
+    return loggers if isinstance(loggers, list) else None
+
+
+@dataclass
+class SchedulerView:
+    waiting: int
+    running: int
+    kv_cache_usage: float
+
+
+def scheduler_view(stats: Any) -> SchedulerView:
+    """The fields of vLLM's ``SchedulerStats`` our metrics read."""
+    return SchedulerView(stats.num_waiting_reqs + stats.num_skipped_waiting_reqs,
+                         stats.num_running_reqs, float(stats.kv_cache_usage))
+
+
+def engine_pids(engine: Any) -> list[int]:
+    """PIDs of an ``AsyncLLM``'s engine-core processes (``engine_core.resources.
+    engine_manager.processes``); empty when the engine runs in-process or the layout moved."""
+    manager = getattr(getattr(getattr(engine, "engine_core", None), "resources", None),
+                      "engine_manager", None)
+    return [p.pid for p in getattr(manager, "processes", None) or [] if p.pid is not None]
+
+
+# ---------------------------------------------------------------- OpenAI front end
+def serve_arg_parser() -> Any:
+    """vLLM's ``vllm serve`` argument parser (its ``Namespace`` drives the OpenAI app)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser())
+
+
+def validate_serve_args(args: Any) -> None:
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+
+    validate_parsed_serve_args(args)
+
+
+async def build_openai_app(args: Any, engine_client: Any, supported_tasks: Any,
+                           model_config: Any) -> Any:
+    """vLLM's own OpenAI FastAPI app around ``engine_client``, as ``vllm serve`` builds it."""
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.app import build_app
+
+    app = build_app(args, supported_tasks, model_config)
+    await init_app_state(engine_client, app.state, args, supported_tasks)
+    return app

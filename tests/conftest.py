@@ -86,7 +86,7 @@ def needle():
     """A 3k-token needle-in-a-haystack chat prompt (SmolLM2 answers it with full KV)."""
     from transformers import AutoTokenizer
 
-    from specapprox_vllm.eval.needle import make_needle_case
+    from specapprox_vllm.tools.eval.needle import make_needle_case
 
     return make_needle_case(AutoTokenizer.from_pretrained(require_model()), 3000, seed=11,
                             depth=0.5)

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from server.app import BearerAuthMiddleware
 from server.approx_api import ApproxMiddleware, approx_usage, fill_param
 from server.engine_client import CURRENT_REQUEST
-from specapprox_vllm.draft_scheduler import ApproxStats, DraftScheduler
+from specapprox_vllm.frontend.scheduler import ApproxStats, DraftScheduler
 from specapprox_vllm.policies import load_method_defaults
 from tests.conftest import ROOT
 

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from server.cli import build_parser as serve_parser
-from specapprox_vllm.loadtest.cli import build_parser as loadtest_parser
+from specapprox_vllm.tools.loadtest.cli import build_parser as loadtest_parser
 from tests.conftest import ROOT
 
 try:

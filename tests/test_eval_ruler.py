@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from specapprox_vllm.eval.ruler import TASKS, make_case, string_match_all
-from specapprox_vllm.eval.sweep import Setting, settings, summarize
+from specapprox_vllm.tools.eval.ruler import TASKS, make_case, string_match_all
+from specapprox_vllm.tools.eval.sweep import Setting, settings, summarize
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_summary_drops_cells_full_attention_cannot_do() -> None:
 
 
 def test_markdown_table_lists_kept_cells_and_says_what_was_dropped() -> None:
-    from specapprox_vllm.eval.sweep import markdown_table
+    from specapprox_vllm.tools.eval.sweep import markdown_table
 
     records = [{"setting": s, "task": t, "length": n, "score": v} for s, t, n, v in [
         ("none", "a", 1, 1.0), ("none", "b", 1, 0.0), ("x@1", "a", 1, 0.5),

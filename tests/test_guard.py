@@ -266,14 +266,14 @@ class FakeDraftEngine:
 
 
 def _plan_with(mode: str, policy: str, method: str = "specpc"):
-    from specapprox_vllm.draft_runner import DraftRunner
-    from specapprox_vllm.draft_scheduler import DraftScheduler
+    from specapprox_vllm.frontend.draft_runner import DraftRunner
+    from specapprox_vllm.frontend.pipeline import MethodPipeline
+    from specapprox_vllm.frontend.scheduler import DraftScheduler
     from specapprox_vllm.policies import load_method_defaults, make_approx_config
-    from specapprox_vllm.serving import SpecPCHandler
 
     engine = FakeDraftEngine(mode)
-    scheduler = DraftScheduler(engine, on_draft_failure=policy)
-    scheduler.add_handler("specpc", SpecPCHandler(DraftRunner(engine, timeout_s=0.2)))
+    pipeline = MethodPipeline(None, DraftRunner(engine, timeout_s=0.2))  # no target needed
+    scheduler = DraftScheduler(pipeline, on_draft_failure=policy)
     defaults = load_method_defaults("configs/methods")
     cfg = make_approx_config(method, {"prompt_budget": 64, "window": 8, "neighbors": 4,
                                       "kernel": 3}, defaults.get(method))
@@ -308,7 +308,7 @@ async def test_draft_failure_policy_error_is_a_retryable_503(mode: str) -> None:
 
 
 def test_unknown_draft_failure_policy_is_refused() -> None:
-    from specapprox_vllm.draft_scheduler import DraftScheduler
+    from specapprox_vllm.frontend.scheduler import DraftScheduler
 
     with pytest.raises(ValueError, match="on_draft_failure"):
         DraftScheduler(None, on_draft_failure="ignore")

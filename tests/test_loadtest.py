@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from specapprox_vllm.loadtest.prompts import LocalTokenizer, synthetic_prompts
 from specapprox_vllm.policies import METHODS
+from specapprox_vllm.tools.loadtest.prompts import LocalTokenizer, synthetic_prompts
 from tests.conftest import ROOT, SMOLLM2_DIR
 from tests.server_utils import ServerProcess
 

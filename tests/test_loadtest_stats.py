@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from specapprox_vllm.loadtest import client as lt_client
-from specapprox_vllm.loadtest.cli import UsageError, main, parse_settings, root_url
-from specapprox_vllm.loadtest.prompts import load_dataset
-from specapprox_vllm.loadtest.stats import (
+from specapprox_vllm.tools.loadtest import client as lt_client
+from specapprox_vllm.tools.loadtest.cli import UsageError, main, parse_settings, root_url
+from specapprox_vllm.tools.loadtest.prompts import load_dataset
+from specapprox_vllm.tools.loadtest.stats import (
     RequestRecord,
     is_good,
     parse_goodput,
@@ -228,8 +228,8 @@ async def test_arrivals_are_poisson_and_concurrency_is_capped(monkeypatch) -> No
 
     import httpx
 
-    from specapprox_vllm.loadtest.client import RunConfig, run_setting
-    from specapprox_vllm.loadtest.prompts import Prompt
+    from specapprox_vllm.tools.loadtest.client import RunConfig, run_setting
+    from specapprox_vllm.tools.loadtest.prompts import Prompt
 
     state = {"now": 0, "peak": 0}
 

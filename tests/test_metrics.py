@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server.approx_api import ApproxMiddleware
 from server.engine_client import CURRENT_REQUEST
 from server.metrics import MetricsMiddleware, attach_engine_observers
-from specapprox_vllm.draft_scheduler import ApproxStats, DraftScheduler
+from specapprox_vllm.frontend.scheduler import ApproxStats, DraftScheduler
 from specapprox_vllm.policies import METHODS, load_method_defaults
 from tests.conftest import ROOT
 from tests.server_utils import ServerProcess

@@ -1,8 +1,8 @@
-"""The vLLM plugin entry point, its version pin, and the vLLM patch points we depend on."""
+"""The vLLM plugin entry point, its version pin, and the KV connector vLLM loads.
+(The patch points into vLLM internals are tested one by one in tests/test_vllm_compat.py.)"""
 
 from __future__ import annotations
 
-import importlib
 from importlib.metadata import entry_points
 
 import pytest
@@ -40,45 +40,6 @@ def test_installed_vllm_is_supported() -> None:
     assert vllm_compat.vllm_version().startswith("0.32.")
 
 
-@pytest.mark.parametrize(("module", "attr"), vllm_compat.PATCH_POINTS)
-def test_patch_points_exist(module: str, attr: str) -> None:
-    assert hasattr(importlib.import_module(module), attr), f"{module}.{attr} is gone"
-
-
-def test_wrapped_signatures_are_unchanged() -> None:
-    """The capture backend and runner wrapper assume these parameter lists."""
-    import inspect
-
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    fwd = tuple(inspect.signature(CPUAttentionBackendImpl.forward).parameters)
-    assert fwd[: len(vllm_compat.IMPL_FORWARD_PARAMS)] == vllm_compat.IMPL_FORWARD_PARAMS
-    prep = tuple(inspect.signature(GPUModelRunner._prepare_inputs).parameters)
-    assert prep == vllm_compat.PREPARE_INPUTS_PARAMS
-
-
-def test_capture_backend_overrides_cpu_attn() -> None:
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
-
-    from specapprox_vllm.cpu_backend import CaptureCPUBackend
-
-    specapprox_vllm.register()
-    assert AttentionBackendEnum.CPU_ATTN.get_path() == vllm_compat.CPU_BACKEND_PATH
-    assert AttentionBackendEnum.CPU_ATTN.get_class() is CaptureCPUBackend
-    assert CaptureCPUBackend.get_impl_cls().__name__ == "CaptureCPUImpl"
-
-
-def test_scheduler_stats_fields_used_by_metrics() -> None:
-    import dataclasses
-
-    from vllm.v1.metrics.stats import SchedulerStats
-
-    names = {f.name for f in dataclasses.fields(SchedulerStats)}
-    assert {"num_running_reqs", "num_waiting_reqs", "num_skipped_waiting_reqs",
-            "kv_cache_usage"} <= names
-
-
 def test_kv_connector_implements_vllms_interface() -> None:
     """The SpecKV connector loads through vLLM's factory and leaves nothing abstract; the
     hooks it relies on keep their parameter lists."""
@@ -88,7 +49,8 @@ def test_kv_connector_implements_vllms_interface() -> None:
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 
-    from specapprox_vllm.kv_connector import CONNECTOR_CONFIG, SpecApproxConnector
+    from specapprox_vllm.wire import CONNECTOR_CONFIG
+    from specapprox_vllm.worker.kv_connector import SpecApproxConnector
 
     cls = KVConnectorFactory.get_connector_class(KVTransferConfig(**CONNECTOR_CONFIG))
     assert cls is SpecApproxConnector and not SpecApproxConnector.__abstractmethods__
@@ -98,22 +60,3 @@ def test_kv_connector_implements_vllms_interface() -> None:
         ours = tuple(inspect.signature(getattr(SpecApproxConnector, name)).parameters)
         theirs = tuple(inspect.signature(getattr(KVConnectorBase_V1, name)).parameters)
         assert ours[: len(theirs)] == theirs or "kwargs" in ours, name
-
-
-def test_rerotation_matches_vllms_rope() -> None:
-    """Kept keys are moved from position p to p - delta with vLLM's own rotary code; the
-    self-check that guards it must pass for the standard rope and llama3 scaling."""
-    import torch
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.model_executor.layers.rotary_embedding import get_rope
-
-    from specapprox_vllm.kv_compact import _check_rerotation
-
-    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-              "high_freq_factor": 4.0, "original_max_position_embeddings": 512}
-    for scaling, neox in ((None, True), (None, False), (llama3, True)):
-        params = {"rope_theta": 10000.0, **({"rope_type": "default"} | (scaling or {}))}
-        with set_current_vllm_config(VllmConfig()):
-            rope = get_rope(64, max_position=4096, is_neox_style=neox,
-                            rope_parameters=params, dtype=torch.float32)
-        _check_rerotation(rope)

@@ -212,7 +212,8 @@ def test_streamingllm_matches_naive() -> None:
         assert _as_lists(got) == naive_streamingllm(prompt_len, budget, sink)
     assert streamingllm_select(11, 10, 4).tolist() == list(range(10))  # L = C + 1: all kept
     policy = build_policy(make_approx_config("streamingllm", {"kv_budget": 8}))
-    assert policy.select_kv(20, 3).tolist() == [[0, 1, 2, 3, 15, 16, 17, 18]] * 3
+    keys = torch.zeros(20, 3, 4)  # [L, H_kv, D]: StreamingLLM reads only their shape
+    assert policy.select_kv_once(20, None, keys).tolist() == [[0, 1, 2, 3, 15, 16, 17, 18]] * 3
     with pytest.raises(ValueError, match="sink_tokens"):
         streamingllm_select(20, 4, 5)
 
@@ -318,15 +319,15 @@ def test_policy_objects_delegate_to_functions() -> None:
     speckv = build_policy(make_approx_config("speckv", {"kv_budget": 20, "window": 4}))
     assert speckv.draft_tokens(100) == 64 and speckv.draft_tokens(10) == 10
     n = 3
-    q = torch.randn(speckv.kv_query_window(n), 6, 8, generator=gen)
+    q = torch.randn(len(speckv.kv_rows(50, n)), 6, 8, generator=gen)
     k = torch.randn(50 + n, 2, 8, generator=gen)
-    assert torch.equal(speckv.select_kv(50, 2, q, k), speckv_select_qk(q, k, 50, 20, 4, 7))
-    assert speckv.select_kv(20, 2, q, k) is None
+    assert torch.equal(speckv.select_kv_once(50, q, k), speckv_select_qk(q, k, 50, 20, 4, 7))
+    assert speckv.select_kv_once(20, q, k) is None
     snap = build_policy(make_approx_config("snapkv", {"kv_budget": 20, "window": 4}))
-    assert snap.draft_tokens(100) == 0 and snap.kv_query_window(0) == 5
+    assert snap.draft_tokens(100) == 0 and len(snap.kv_rows(50, 0)) == 5
     casc = build_policy(make_approx_config("speckv_pc", {"kv_budget": 20, "window": 4}))
-    assert casc.draft_tokens(500) == 20 and casc.prompt_query_window() == 64
-    assert torch.equal(casc.select_kv(50, 2, q, k), speckv_select_qk(q, k, 50, 20, 4, 7))
+    assert casc.draft_tokens(500) == 20 and 3000 - casc.prompt_rows(3000, 20).start == 64
+    assert torch.equal(casc.select_kv_once(50, q, k), speckv_select_qk(q, k, 50, 20, 4, 7))
     pc = build_policy(make_approx_config("specpc", {"prompt_budget": 16, "window": 4}))
     score = torch.rand(40, generator=gen)
     assert torch.equal(pc.select_prompt(score), specpc_select(score, 16, 4, 32, 32))

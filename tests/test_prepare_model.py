@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from specapprox_vllm import prepare_model as pm
+from specapprox_vllm.tools import prepare_model as pm
 
 
 def test_gguf_is_found_in_the_installed_package() -> None:

@@ -30,8 +30,8 @@ from referee import Referee
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from specapprox_vllm.eval import make_needle_case
 from specapprox_vllm.policies import METHODS, pool1d, speckv_select
+from specapprox_vllm.tools.eval import make_needle_case
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"

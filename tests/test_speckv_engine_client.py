@@ -14,8 +14,8 @@ import asyncio
 
 import pytest
 
-from specapprox_vllm.eval.needle import make_needle_case
-from specapprox_vllm.policies import make_approx_config
+from specapprox_vllm.policies import build_policy, make_approx_config
+from specapprox_vllm.tools.eval.needle import make_needle_case
 from tests.test_speckv_vllm import generate, target_engine
 
 pytestmark = pytest.mark.server
@@ -47,7 +47,7 @@ async def probe(engine, runner, ids: list[int]) -> dict:
     from vllm import SamplingParams
 
     cfg = make_approx_config("snapkv", {"kv_budget": 64, "window": 16})
-    handle = await runner.compact(ids, [], cfg, "probe")
+    handle = await runner.compact(ids, [], build_policy(cfg), "probe")
     dids, params, salt = runner.decode_request(handle, ids, SamplingParams(max_tokens=2))
     out = await generate(engine, {"prompt_token_ids": dids, "cache_salt": salt}, params,
                          f"probe-{handle.key}")
@@ -59,15 +59,13 @@ async def test_preemption_accounting_and_no_leak(tokenizer) -> None:
     from vllm import SamplingParams
 
     from server.engine_client import ApproxEngineClient
-    from specapprox_vllm.draft_scheduler import DraftScheduler
-    from specapprox_vllm.kv_runner import TargetKVRunner
-    from specapprox_vllm.serving import register_methods
+    from specapprox_vllm.frontend.pipeline import build_scheduler
+    from specapprox_vllm.frontend.target_runner import TargetKVRunner
 
     engine = target_engine(block_size=BLOCK, num_gpu_blocks_override=POOL,
                            max_num_batched_tokens=256, max_num_seqs=8, max_model_len=704)
     try:
-        scheduler = DraftScheduler(engine)
-        register_methods(scheduler, engine, engine)  # the target drafts for itself
+        scheduler = build_scheduler(engine, engine)  # the target drafts for itself
         client = ApproxEngineClient(engine, scheduler, make_approx_config("none"), engine)
         runner = TargetKVRunner(engine)
         prompts = [make_needle_case(tokenizer, 230, seed=s, depth=0.5).prompt_ids

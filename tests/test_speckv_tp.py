@@ -31,7 +31,7 @@ async def test_tp2_ranks_compact_their_own_heads(tiny_llama_dir, monkeypatch) ->
     from referee import Referee
     from vllm import SamplingParams
 
-    from specapprox_vllm.kv_runner import TargetKVRunner
+    from specapprox_vllm.frontend.target_runner import TargetKVRunner
 
     # vLLM's CPU workers bind threads per NUMA node by default; this box has one node.
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")

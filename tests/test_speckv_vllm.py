@@ -15,8 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specapprox_vllm.eval.needle import make_needle_case
 from specapprox_vllm.policies import build_policy, make_approx_config
+from specapprox_vllm.tools.eval.needle import make_needle_case
 from tests.conftest import require_model
 
 pytestmark = pytest.mark.server
@@ -29,8 +29,7 @@ def target_engine(**overrides):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from server.engines import WORKER_EXTENSION
-    from specapprox_vllm.kv_connector import CONNECTOR_CONFIG
+    from specapprox_vllm.wire import CONNECTOR_CONFIG, WORKER_EXTENSION
 
     args = dict(model=str(require_model()), dtype="float32", max_model_len=4096,
                 enforce_eager=True, kv_cache_memory_bytes=1 << 30,
@@ -53,7 +52,7 @@ async def serve_compacted(engine, runner, ids, draft, cfg, rid: str, max_new: in
     the engine's KV report)."""
     from vllm import SamplingParams
 
-    handle = await runner.compact(ids, draft, cfg, rid, want_indices=True)
+    handle = await runner.compact(ids, draft, build_policy(cfg), rid, want_indices=True)
     dids, params, salt = runner.decode_request(
         handle, ids, SamplingParams(max_tokens=max_new, temperature=0.0))
     out = await generate(engine, {"prompt_token_ids": dids, "cache_salt": salt}, params,
@@ -65,6 +64,27 @@ async def serve_compacted(engine, runner, ids, draft, cfg, rid: str, max_new: in
     return list(out.outputs[0].token_ids), kept, handle, out.kv_transfer_params["specapprox"]
 
 
+# Kept sets must be equal, except where a kept/dropped pair sits at the cut within this
+# relative band: vLLM's CPU kernels and HF's compute the same fp32 scores in different orders,
+# and two CPUs of the same kind were seen to round one near-tie differently (issue 19).
+NEAR_TIE_REL = 1e-4
+
+
+def near_tie_only(kept: torch.Tensor, ref_kept: torch.Tensor, scores: list[torch.Tensor],
+                  cfg) -> bool:
+    """Whether every (layer, head) whose kept set differs from the referee's differs only by
+    positions whose pooled referee score lies within ``NEAR_TIE_REL`` of the cut."""
+    from specapprox_vllm.policies import pool1d
+
+    for layer, head in torch.nonzero((kept != ref_kept).any(dim=-1)).tolist():
+        pooled = pool1d(scores[layer][head].float(), cfg.kernel, "max")
+        cut = pooled.sort(descending=True).values[cfg.kv_budget - cfg.window - 1]
+        diff = set(kept[layer, head].tolist()) ^ set(ref_kept[layer, head].tolist())
+        if any(abs(pooled[p] - cut) > NEAR_TIE_REL * cut for p in diff):
+            return False
+    return True
+
+
 def cases(tokenizer, count: int):
     lengths = torch.linspace(1000, 3000, count).round().long().tolist()
     for i, length in enumerate(lengths):
@@ -73,27 +93,33 @@ def cases(tokenizer, count: int):
 
 @pytest.mark.timeout(2400)
 async def test_speckv_in_vllm_equals_the_referee(referee, tokenizer) -> None:
-    from specapprox_vllm.kv_runner import TargetKVRunner
+    from specapprox_vllm.frontend.target_runner import TargetKVRunner
 
     draft = tokenizer.encode(FIXED_DRAFT_TEXT, add_special_tokens=False)
     engine = target_engine()
     try:
         runner = TargetKVRunner(engine)
-        same_tokens, kept_equal = 0, 0
+        same_tokens, kept_equal, near_ties = 0, 0, []
         for i, case in enumerate(cases(tokenizer, 20)):
             ids = case.prompt_ids
             budget = (128, 256, 512)[i % 3]
             cfg = make_approx_config("speckv", {"kv_budget": budget})
             tokens, kept, handle, report = await serve_compacted(
                 engine, runner, ids, draft, cfg, f"case{i}")
+            scores: list[torch.Tensor] = []
             ref_tokens, ref_kept = referee._speckv_decode(ids, draft, build_policy(cfg),
-                                                          MAX_NEW)
+                                                          MAX_NEW, scores_out=scores)
             assert kept.shape == ref_kept.shape == (30, 3, budget)
-            kept_equal += torch.equal(kept, ref_kept)
+            if torch.equal(kept, ref_kept):
+                kept_equal += 1
+            elif near_tie_only(kept, ref_kept, scores, cfg):
+                near_ties.append(i)
             same_tokens += tokens == ref_tokens
             # the decode request holds the blocks of C + 1 tokens, not of L
             assert report["blocks_at_admission"] == -(-(budget + 1) // report["block_size"])
-        assert kept_equal == 20
+        print(f"kept sets: {kept_equal}/20 exact, near-ties at the cut in cases {near_ties}")
+        assert kept_equal + len(near_ties) == 20, (kept_equal, near_ties)
+        assert len(near_ties) <= 2, near_ties
         assert same_tokens >= 19, same_tokens
 
         # Baselines through the same machinery: kept sets exact.
@@ -115,7 +141,7 @@ async def test_speckv_in_vllm_equals_the_referee(referee, tokenizer) -> None:
 async def test_nothing_evicted_and_prefix_cache_hits(referee, tokenizer) -> None:
     from vllm import SamplingParams
 
-    from specapprox_vllm.kv_runner import TargetKVRunner
+    from specapprox_vllm.frontend.target_runner import TargetKVRunner
 
     draft = tokenizer.encode(FIXED_DRAFT_TEXT, add_special_tokens=False)
     engine = target_engine()

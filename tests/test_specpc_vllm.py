@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specapprox_vllm.eval.needle import make_needle_case
-from specapprox_vllm.policies import specpc_select
+from specapprox_vllm.policies import build_policy, make_approx_config, specpc_select
+from specapprox_vllm.tools.eval.needle import make_needle_case
 from tests.conftest import require_model
 
 pytestmark = pytest.mark.server
@@ -16,11 +16,18 @@ WINDOW, START_LAYER, BUDGET, KERNEL, NEIGHBORS = 64, 8, 512, 32, 32
 CHUNK = 256  # max_num_batched_tokens: every prompt below is split into several chunks
 
 
+def specpc():
+    """The SpecPC policy whose hooks the draft workers run (scores do not depend on C)."""
+    return build_policy(make_approx_config("specpc", {
+        "prompt_budget": BUDGET, "window": WINDOW, "kernel": KERNEL, "neighbors": NEIGHBORS,
+        "start_layer": START_LAYER, "weighted_query": True}))
+
+
 def _engine():
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from server.engines import WORKER_EXTENSION
+    from specapprox_vllm.wire import WORKER_EXTENSION
 
     return AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=str(require_model()), dtype="float32", max_model_len=4096, enforce_eager=True,
@@ -43,7 +50,7 @@ def _check(result, ref_tokens, ref_score) -> None:
 
 @pytest.mark.timeout(1500)
 async def test_draft_scores_inside_vllm_equal_the_referee(referee, tokenizer) -> None:
-    from specapprox_vllm.draft_runner import DraftRunner
+    from specapprox_vllm.frontend.draft_runner import DraftRunner
 
     engine = _engine()
     runner = DraftRunner(engine)
@@ -52,9 +59,7 @@ async def test_draft_scores_inside_vllm_equal_the_referee(referee, tokenizer) ->
                  for n, s, d in ((600, 1, 0.3), (1500, 2, 0.6), (2900, 3, 0.5))]
         for case, lookahead in zip(cases, (1, 4, 2), strict=True):
             ids = case.prompt_ids
-            res = await runner.score_prompt(ids, window=WINDOW, lookahead=lookahead,
-                                            start_layer=START_LAYER, weighted_query=True,
-                                            request_id=f"t{len(ids)}")
+            res = await runner.score_prompt(ids, specpc(), lookahead, f"t{len(ids)}")
             assert not res.retried_without_prefix_cache
             tokens, ref = referee.run_draft(ids, lookahead, WINDOW, START_LAYER, True)
             _check(res, tokens, ref)
@@ -65,18 +70,14 @@ async def test_draft_scores_inside_vllm_equal_the_referee(referee, tokenizer) ->
         tail = tokenizer.encode(" What colour is the sky? Answer briefly.",
                                 add_special_tokens=False)
         ids = base[:-80] + tail + base[-80:]
-        res = await runner.score_prompt(ids, window=WINDOW, lookahead=2,
-                                        start_layer=START_LAYER, weighted_query=True,
-                                        request_id="hit")
+        res = await runner.score_prompt(ids, specpc(), 2, "hit")
         assert not res.retried_without_prefix_cache
         tokens, ref = referee.run_draft(ids, 2, WINDOW, START_LAYER, True)
         _check(res, tokens, ref)
 
         # Total hit (the same prompt again): window rows come from the cache, so the capture
         # is incomplete and the runner re-runs the draft without reading the cache.
-        res = await runner.score_prompt(ids, window=WINDOW, lookahead=2,
-                                        start_layer=START_LAYER, weighted_query=True,
-                                        request_id="repeat")
+        res = await runner.score_prompt(ids, specpc(), 2, "repeat")
         assert res.retried_without_prefix_cache
         _check(res, tokens, ref)
     finally:

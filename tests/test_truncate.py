@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from specapprox_vllm.truncate import truncated_checkpoint
+from specapprox_vllm.tools.truncate import truncated_checkpoint
 from tests.conftest import make_tiny_llama
 
 

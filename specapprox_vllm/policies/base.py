@@ -1,238 +1,177 @@
-"""Shared machinery of the approximation policies (pure torch, no vLLM, no transformers).
+"""What one approximation method is to the engine: its settings class and its policy hooks.
 
-Every policy is built from the same four pieces, implemented once here so that SpecKV,
-SnapKV-style, SpecPC and the cascade cannot drift apart:
+A method is one module: a :class:`MethodConfig` subclass (its ``approx`` keys, validated by
+pydantic, with the paper defaults) and a :class:`Policy` subclass decorated with
+:func:`~specapprox_vllm.policies.registry.register_policy`. Nothing else in the product names
+a method: the API process and the engine workers look the policy up by name in the registry
+and call these hooks, so a new method needs no other file.
 
-* :func:`window_probs` -- softmax of the last ``Wq`` post-RoPE queries against all keys, with
-  the causal mask inside the last ``Wq x Wq`` block, logits in the input dtype and the softmax
-  in float32 (ALGORITHMS.md, "Shared building block" and "Dtypes").
-* :func:`pool1d` -- centred 1-D smoothing with zero padding ``(K-1)//2`` left and
-  ``K-1-(K-1)//2`` right, so odd and even kernels keep the length (ALGORITHMS.md, SpecPC step 3).
-  For max pooling of non-negative scores zero padding equals the ``-inf`` padding of
-  ``F.max_pool1d(padding=K//2)`` used by the reference SpecKV for odd kernels.
-* :func:`topk_desc` -- top-k in descending score order where ties go to the lower index
-  (sort by ``(-score, index)``), vectorised through a stable sort so that CPU and CUDA pick
-  the same tokens.
-* :func:`first_occurrences` -- order-preserving de-duplication of small index vectors.
+The hooks, by where they run:
 
-Shapes follow vLLM's token-major layout: queries ``[Wq, H_q, D]``, keys ``[S, H_kv, D]``. Query
-head ``h`` reads KV head ``h // G`` (``G = H_q / H_kv``), the convention of HF ``repeat_kv`` and
-of vLLM's GQA kernels.
+* **API process** (``specapprox_vllm/frontend``): the facts ``needs_draft``,
+  ``compresses_prompt``, ``compresses_kv``; :meth:`Policy.applies`,
+  :meth:`Policy.prompt_applies`, :meth:`Policy.kv_applies`, :meth:`Policy.draft_tokens`,
+  :meth:`Policy.kv_entries`, :meth:`Policy.check_draft`.
+* **Draft workers** score the prompt (``specapprox_vllm/worker/prompt_scores.py``): in every
+  model step, the rows of :meth:`Policy.prompt_rows` that the step computes, in the layers
+  :meth:`Policy.scores_layer` accepts, are scored by :meth:`Policy.score_prompt_chunk`
+  (weighted by :meth:`Policy.prompt_row_weights`) and folded into one running ``[L]`` score
+  with :meth:`Policy.fold`; the API process then calls :meth:`Policy.select_prompt`.
+* **Target workers** compress the KV cache (``specapprox_vllm/worker/kv_compaction.py``): the
+  rows of :meth:`Policy.kv_rows` are scored per layer by :meth:`Policy.score_kv_chunk` and
+  folded with :meth:`Policy.fold`; at the last token :meth:`Policy.select_kv` picks the kept
+  positions per KV head from the folded score (and, if it wants, the keys).
 
-The policy registry also lives here: :data:`POLICIES`, :func:`register_policy`,
-:func:`get_policy`. A new method is one module with one :class:`Policy` subclass decorated with
-``@register_policy``.
+The hooks see chunks because vLLM splits a prefill into chunks, batches requests, and serves
+earlier tokens from the prefix cache: a step computes some rows of a request, never
+necessarily all of them. Folding chunk by chunk gives exactly the one-shot result whenever the
+reduction is decomposable (a max is); :meth:`Policy.select_kv_once` is the one-shot form used
+by the HF referee, through the same hooks.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-__all__ = [
-    "POLICIES",
-    "Policy",
-    "first_occurrences",
-    "get_policy",
-    "grouped_window_scores",
-    "pool1d",
-    "register_policy",
-    "topk_desc",
-    "window_probs",
-]
+from .ops import grouped_window_scores, window_probs
+
+__all__ = ["MethodConfig", "Policy", "check_budget"]
 
 
-def window_probs(q_window: Tensor, keys: Tensor, scale: float | None = None) -> Tensor:
-    """Causal softmax of the last ``Wq`` queries against all ``S`` keys, per query head.
+class MethodConfig(BaseModel):
+    """Validated settings of one method. Unknown keys are rejected (``extra="forbid"``), so a
+    typo never silently falls back to a default; every error names its field."""
 
-    Args:
-        q_window: ``[Wq, H_q, D]`` post-RoPE queries of the last ``Wq`` positions of the
-            sequence whose keys are ``keys`` (query ``i`` sits at position ``S - Wq + i``).
-        keys: ``[S, H_kv, D]`` post-RoPE keys; ``H_q`` must be a multiple of ``H_kv``.
-        scale: logit scale, default ``1/sqrt(D)``.
-
-    Returns:
-        ``[H_q, Wq, S]`` float32 probabilities. Logits are computed in the input dtype (as the
-        model computes them), the softmax in float32; a window query never sees a later key.
-    """
-    wq, h_q, d = q_window.shape
-    s, h_kv, dk = keys.shape
-    if dk != d or h_q % h_kv != 0:
-        raise ValueError(f"incompatible shapes q={tuple(q_window.shape)} k={tuple(keys.shape)}")
-    if wq > s:
-        raise ValueError(f"{wq} window queries but only {s} keys")
-    g = h_q // h_kv
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    q = q_window.permute(1, 0, 2).reshape(h_kv, g * wq, d)  # [H_kv, G*Wq, D]
-    k = keys.permute(1, 2, 0).to(q.dtype)  # [H_kv, D, S]
-    # In place on the fresh matmul output: at 64k keys every extra full-size copy costs
-    # about as much as the softmax itself.
-    logits = torch.matmul(q, k).view(h_kv, g, wq, s).mul_(scale)
-    # Query i (position s - wq + i) may see keys j <= s - wq + i: only the last Wq columns
-    # can be in its future, so the mask is Wq x Wq.
-    future = torch.ones(wq, wq, dtype=torch.bool, device=keys.device).triu_(1)
-    logits[..., s - wq :].masked_fill_(future, float("-inf"))
-    return torch.softmax(logits, dim=-1, dtype=torch.float32).view(h_q, wq, s)
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    method: str
 
 
-def grouped_window_scores(
-    q_window: Tensor, keys: Tensor, n_keys: int | None = None, scale: float | None = None
-) -> Tensor:
-    """Per-KV-head key scores: max over the ``G`` grouped query heads and all window queries.
-
-    This is the SpecKV / SnapKV-style reduction (ALGORITHMS.md, SpecKV step 3): it is computed
-    on the full softmax (all ``S`` keys in the denominator) and only then cut to the first
-    ``n_keys`` columns.
-
-    Returns:
-        ``[H_kv, n_keys]`` float32 (``n_keys`` defaults to ``S``).
-    """
-    h_kv = keys.shape[1]
-    probs = window_probs(q_window, keys, scale)  # [H_q, Wq, S]
-    n = keys.shape[0] if n_keys is None else n_keys
-    h_q, wq, _ = probs.shape
-    return probs[..., :n].reshape(h_kv, (h_q // h_kv) * wq, n).amax(dim=1)
+def check_budget(budget: int, budget_name: str, window: int, window_name: str) -> None:
+    """A budget must hold the always-kept window (the message starts with the field)."""
+    if budget < window:
+        raise ValueError(
+            f"{budget_name} ({budget}) must be >= {window_name} ({window}): "
+            f"the last {window_name} tokens are always kept"
+        )
 
 
-def pool1d(x: Tensor, kernel: int, kind: str = "max") -> Tensor:
-    """Centred stride-1 pooling over the last dim with zero padding; keeps the length.
-
-    Padding is ``(K-1)//2`` zeros on the left and ``K-1-(K-1)//2`` on the right, so an even
-    kernel looks one step further right than left. ``kind="avg"`` counts the padding zeros
-    (as ``F.avg_pool1d(count_include_pad=True)``), which is what the reference does.
-    """
-    if kernel < 1:
-        raise ValueError(f"kernel must be >= 1, got {kernel}")
-    if kernel == 1 or x.numel() == 0:
-        return x
-    lead = x.shape[:-1]
-    flat = x.reshape(math.prod(lead), 1, x.shape[-1])
-    left = (kernel - 1) // 2
-    flat = F.pad(flat, (left, kernel - 1 - left), value=0.0)
-    if kind == "max":
-        out = F.max_pool1d(flat, kernel_size=kernel, stride=1)
-    elif kind == "avg":
-        out = F.avg_pool1d(flat, kernel_size=kernel, stride=1)
-    else:
-        raise ValueError(f"unknown pool kind {kind!r}")
-    return out.reshape(*lead, -1)
-
-
-def topk_desc(scores: Tensor, k: int) -> Tensor:
-    """Indices of the ``k`` largest entries along the last dim, in descending score order.
-
-    Ties go to the lower index (sort key ``(-score, index)``). ``torch.topk`` gives no such
-    guarantee and differs between CPU and CUDA; a stable sort of ``-score`` does. Adding
-    ``0.0`` turns ``-0.0`` into ``+0.0`` so that radix sorts (CUDA) see one zero, not two.
-    """
-    if k > scores.shape[-1]:
-        raise ValueError(f"top-{k} of {scores.shape[-1]} entries")
-    neg = scores.neg() + 0.0
-    order = torch.sort(neg, dim=-1, stable=True).indices
-    return order[..., :k]
-
-
-def first_occurrences(idx: Tensor, upper: int) -> Tensor:
-    """Order-preserving de-duplication of a 1-D LongTensor with values in ``[0, upper)``.
-
-    Vectorised: the first position of every value is found with ``scatter_reduce(amin)``;
-    an entry is kept iff it sits at its value's first position.
-    """
-    pos = torch.arange(idx.numel(), device=idx.device)
-    first = torch.full((upper,), idx.numel(), dtype=torch.long, device=idx.device)
-    first.scatter_reduce_(0, idx, pos, reduce="amin")
-    return idx[first[idx] == pos]
+_EMPTY = range(0)
 
 
 class Policy:
-    """One approximation method as the serving code sees it.
-
-    Subclasses set the class flags and implement the hooks they need; a hook that does not
-    apply to a method raises ``NotImplementedError`` (a bug in the caller, never silently
-    ignored). All selection hooks return ``None`` when the prompt is short enough to be served
-    without approximation, and index tensors otherwise.
+    """One approximation method. Subclasses set the class attributes and override the hooks
+    their facts call for; the defaults describe a method that changes nothing.
 
     Attributes:
         name: the ``approx.method`` value.
-        needs_draft: the draft model must run before the target (SpecPC, SpecKV, cascade).
-        compresses_prompt: the target receives ``P[select_prompt(...)]`` as a fresh prompt.
-        compresses_kv: after the target prefill, each layer keeps only ``select_kv(...)``.
+        config_cls: its settings (a :class:`MethodConfig` subclass).
+        needs_draft: a draft model runs before the target (its tokens, its attention).
+        compresses_prompt: the target serves ``P[select_prompt(score)]`` as a fresh prompt.
+        compresses_kv: after the target's prefill each layer keeps ``kv_entries()`` entries
+            per KV head, from ``P[0 .. L-2]``; ``P[L-1]`` is re-fed when decoding starts.
     """
 
     name: ClassVar[str] = ""
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     needs_draft: ClassVar[bool] = False
     compresses_prompt: ClassVar[bool] = False
     compresses_kv: ClassVar[bool] = False
-    #: the pydantic model that validates this method's settings (set by ``config.py``).
-    config_cls: ClassVar[type | None] = None
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
 
+    # ------------------------------------------------------------------ API-process facts
     def applies(self, prompt_len: int) -> bool:
-        """Whether a prompt of this length is approximated at all (``L > budget``)."""
-        return False
+        """Whether a prompt of this length is approximated at all (else: served as is, with
+        no draft run)."""
+        return self.prompt_applies(prompt_len) or self.kv_applies(prompt_len)
 
     def prompt_applies(self, prompt_len: int) -> bool:
-        """Whether :meth:`select_prompt` will compress a prompt of this length, i.e. whether
-        the draft run must record attention for it."""
+        """Whether :meth:`select_prompt` compresses a prompt of this length (the draft run
+        must then score it)."""
         return False
 
+    def kv_applies(self, prompt_len: int) -> bool:
+        """Whether the KV of a served prompt of this length is compressed (``L > C``)."""
+        return self.compresses_kv and prompt_len > self.kv_entries()
+
+    def kv_entries(self) -> int:
+        """``C``: KV entries kept per layer and KV head (KV methods' ``kv_budget``)."""
+        raise NotImplementedError(f"{self.name} does not compress the KV cache")
+
     def draft_tokens(self, max_tokens: int | None) -> int:
-        """How many tokens the draft must generate for a request with ``max_tokens``."""
+        """How many tokens the draft generates for a request with ``max_tokens``."""
         return 0
 
-    def prompt_query_window(self) -> int:
-        """Prompt-window rows the draft prefill must score (SpecPC); 0 if none."""
-        return 0
+    def check_draft(self, num_layers: int) -> None:
+        """Reject settings the draft model cannot serve (``ValueError`` "<field>: ...")."""
 
-    def kv_query_window(self, n_draft: int) -> int:
-        """Last target-prefill queries needed by :meth:`select_kv` (0: scores not needed)."""
-        return 0
+    # ------------------------------------------------------------------ prompt scoring
+    def prompt_rows(self, prompt_len: int, n_draft: int) -> range:
+        """Positions of the draft sequence ``P + D`` whose queries score the prompt."""
+        return _EMPTY
 
-    def select_prompt(self, token_scores: Tensor) -> Tensor | None:
+    def scores_layer(self, layer: int) -> bool:
+        """Whether draft layer ``layer`` contributes to the prompt score."""
+        return True
+
+    def prompt_row_weights(self, positions: Tensor, prompt_len: int) -> Tensor:
+        """Weight of each scoring row (float32, one per position)."""
+        return torch.ones(positions.shape[0], dtype=torch.float32, device=positions.device)
+
+    def score_prompt_chunk(self, q_rows: Tensor, keys: Tensor, positions: Tensor,
+                           prompt_len: int, scale: float | None = None) -> Tensor:
+        """One layer's score of the prompt keys from some scoring rows: ``[L]`` float32.
+
+        ``q_rows`` ``[R, H_q, D]`` are the queries at ``positions`` (ascending, the last one
+        being ``keys.shape[0] - 1``); ``keys`` ``[S, H_kv, D]`` every key up to it. Keys a
+        chunk has not reached yet score 0 (a causal query gives them no probability)."""
+        probs = window_probs(q_rows, keys, scale)  # [H_q, R, S], causal, fp32
+        probs = probs * self.prompt_row_weights(positions, prompt_len)[None, :, None]
+        record = probs.amax(dim=(0, 1))[:prompt_len]
+        return F.pad(record, (0, prompt_len - record.shape[0]))
+
+    def fold(self, running: Tensor | None, part: Tensor) -> Tensor:
+        """Fold one chunk's (or layer's, or step's) score into the running score. Every
+        built-in method reduces by max, which is decomposable: folding chunk by chunk gives
+        the one-shot result however vLLM splits and batches the work."""
+        return part if running is None else torch.maximum(running, part)
+
+    def select_prompt(self, score: Tensor) -> Tensor | None:
         """Prompt positions the target keeps, sorted, or ``None`` (prompt unchanged)."""
         raise NotImplementedError(f"{self.name} does not compress the prompt")
 
-    def select_kv(
-        self,
-        prompt_len: int,
-        num_kv_heads: int,
-        q_window: Tensor | None = None,
-        keys: Tensor | None = None,
-        scale: float | None = None,
-    ) -> Tensor | None:
-        """Per-KV-head kept prompt positions ``[H_kv, C]`` of one layer, or ``None``.
+    # ------------------------------------------------------------------ KV scoring
+    def kv_rows(self, prompt_len: int, n_draft: int) -> range:
+        """Positions of the target sequence ``P + D`` whose queries score the KV entries
+        (empty: the method selects without attention scores)."""
+        return _EMPTY
 
-        ``q_window`` (``[kv_query_window(n), H_q, D]``) and ``keys`` (``[L + n, H_kv, D]``) are
-        the post-RoPE tensors of the target prefill of ``P + D``. Kept positions always lie in
-        ``P[0 .. L-2]``; ``P[L-1]`` is re-fed at position ``L-1`` when decoding starts.
-        """
+    def score_kv_chunk(self, q_rows: Tensor, keys: Tensor, prompt_len: int,
+                       scale: float | None = None) -> Tensor:
+        """One layer's per-KV-head scores from some scoring rows: ``[H_kv, L - 1]`` float32,
+        max over the grouped query heads and the rows (``keys`` as in
+        :meth:`score_prompt_chunk`)."""
+        return grouped_window_scores(q_rows, keys, prompt_len - 1, scale)
+
+    def select_kv(self, scores: Tensor | None, keys: Tensor, prompt_len: int) -> Tensor | None:
+        """Per-KV-head kept positions ``[H_kv, C]`` of one layer, sorted, or ``None``.
+
+        ``scores`` is the folded :meth:`score_kv_chunk` (``None`` when :meth:`kv_rows` is
+        empty); ``keys`` ``[L - 1, H_kv, D]`` are the post-RoPE keys of ``P[0 .. L-2]``, the
+        only positions a KV method may keep."""
         raise NotImplementedError(f"{self.name} does not compress the KV cache")
 
-
-POLICIES: dict[str, type[Policy]] = {}
-
-
-def register_policy(cls: type[Policy]) -> type[Policy]:
-    """Class decorator: make ``cls`` reachable as ``get_policy(cls.name)``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__qualname__} has no name")
-    if cls.name in POLICIES and POLICIES[cls.name] is not cls:
-        raise ValueError(f"policy {cls.name!r} registered twice")
-    POLICIES[cls.name] = cls
-    return cls
-
-
-def get_policy(name: str) -> type[Policy]:
-    """The policy class registered under ``name`` (``ValueError`` naming the choices if none)."""
-    try:
-        return POLICIES[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown approx method {name!r}; choose one of {sorted(POLICIES)}"
-        ) from None
+    def select_kv_once(self, prompt_len: int, q_rows: Tensor | None, keys: Tensor,
+                       scale: float | None = None) -> Tensor | None:
+        """:meth:`select_kv` from one prefill of ``P + D``: ``q_rows`` are the queries of
+        :meth:`kv_rows` (``None`` when it is empty), ``keys`` all ``[L + n, H_kv, D]``."""
+        scores = None
+        if q_rows is not None:
+            scores = self.score_kv_chunk(q_rows, keys, prompt_len, scale)
+        return self.select_kv(scores, keys[: prompt_len - 1], prompt_len)

@@ -1,4 +1,4 @@
-"""SpecKV (draft-guided KV dropping) and its draft-free special case, SnapKV-style (n = 0).
+"""SpecKV: draft-guided KV dropping (its draft-free special case, SnapKV-style, is snapkv.py).
 
 ALGORITHMS.md, "SpecKV": the target prefills ``P + D`` (``D`` = the draft's ``n`` tokens). In
 every layer the last ``W' = W + n + 1`` queries (the last ``W + 1`` prompt tokens plus all of
@@ -14,12 +14,57 @@ Edges: ``L <= C`` means no compression (the select functions return ``None``); a
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor
 
-from .base import Policy, grouped_window_scores, pool1d, register_policy, topk_desc
+from .base import MethodConfig, Policy, check_budget
+from .ops import grouped_window_scores, pool1d, topk_desc
+from .registry import register_policy
 
-__all__ = ["SnapKVPolicy", "SpecKVPolicy", "speckv_scores", "speckv_select", "speckv_select_qk"]
+__all__ = [
+    "SpecKVConfig",
+    "SpecKVPolicy",
+    "SpecKVStage",
+    "speckv_scores",
+    "speckv_select",
+    "speckv_select_qk",
+    "resolve_lookahead",
+]
+
+
+class SpecKVConfig(MethodConfig):
+    """SpecKV: draft-guided KV dropping (ALGORITHMS.md, SpecKV)."""
+
+    method: Literal["speckv"] = "speckv"
+    kv_budget: int = Field(256, gt=0, description="KV entries kept per layer per KV head (C)")
+    window: int = Field(32, ge=0, description="recent prompt tokens always kept (W)")
+    kernel: int = Field(7, ge=1, description="max-pool kernel over key scores")
+    lookahead: int | None = Field(
+        None, ge=0, description="draft tokens n; null = the request's max_tokens"
+    )
+    max_lookahead: int = Field(64, ge=0, description="cap on n when lookahead is null")
+
+    @model_validator(mode="after")
+    def _check(self) -> SpecKVConfig:
+        check_budget(self.kv_budget, "kv_budget", self.window, "window")
+        return self
+
+    def resolve_lookahead(self, max_tokens: int | None) -> int:
+        return resolve_lookahead(self.lookahead, self.max_lookahead, max_tokens)
+
+
+def resolve_lookahead(lookahead: int | None, max_lookahead: int, max_tokens: int | None) -> int:
+    """Draft length for a request: ``lookahead``, or ``min(max_tokens, max_lookahead)`` when
+    it is null (ALGORITHMS.md: SpecKV and the cascade draft the request's answer length,
+    capped)."""
+    if lookahead is not None:
+        return lookahead
+    if max_tokens is None:
+        return max_lookahead
+    return max(0, min(max_tokens, max_lookahead))
 
 
 def speckv_scores(
@@ -86,45 +131,36 @@ def speckv_select_qk(
     return speckv_select(scores, prompt_len, budget, window, kernel)
 
 
+class SpecKVStage(Policy):
+    """SpecKV's scoring and selection (shared with SnapKV-style and the cascade): the last
+    ``W + n + 1`` positions score the keys before the window, per KV head."""
+
+    def kv_entries(self) -> int:
+        return self.cfg.kv_budget
+
+    def kv_rows(self, prompt_len: int, n_draft: int) -> range:
+        """The last ``W + n + 1`` positions: ``P[L-W-1 ..]`` and all of ``D``."""
+        return range(prompt_len - self.cfg.window - 1, prompt_len + n_draft)
+
+    def score_kv_chunk(self, q_rows: Tensor, keys: Tensor, prompt_len: int,
+                       scale: float | None = None) -> Tensor:
+        return speckv_scores(q_rows, keys, prompt_len, self.cfg.window, scale)
+
+    def select_kv(self, scores: Tensor | None, keys: Tensor, prompt_len: int) -> Tensor | None:
+        if scores is None:
+            raise ValueError(f"{self.name} selects from attention scores")
+        c = self.cfg
+        return speckv_select(scores, prompt_len, c.kv_budget, c.window, c.kernel)
+
+
 @register_policy
-class SpecKVPolicy(Policy):
+class SpecKVPolicy(SpecKVStage):
     """SpecKV: the draft's ``n`` tokens join the scoring window of the target prefill."""
 
     name = "speckv"
+    config_cls = SpecKVConfig
     needs_draft = True
     compresses_kv = True
 
-    def applies(self, prompt_len: int) -> bool:
-        return prompt_len > self.cfg.kv_budget
-
     def draft_tokens(self, max_tokens: int | None) -> int:
         return self.cfg.resolve_lookahead(max_tokens)
-
-    def kv_query_window(self, n_draft: int) -> int:
-        return self.cfg.window + n_draft + 1
-
-    def select_kv(
-        self,
-        prompt_len: int,
-        num_kv_heads: int,
-        q_window: Tensor | None = None,
-        keys: Tensor | None = None,
-        scale: float | None = None,
-    ) -> Tensor | None:
-        if not self.applies(prompt_len):
-            return None
-        if q_window is None or keys is None:
-            raise ValueError(f"{self.name} needs the window queries and the keys")
-        c = self.cfg
-        return speckv_select_qk(q_window, keys, prompt_len, c.kv_budget, c.window, c.kernel, scale)
-
-
-@register_policy
-class SnapKVPolicy(SpecKVPolicy):
-    """SnapKV-style: SpecKV with ``n = 0``, scored by the prompt's own last ``W + 1`` queries."""
-
-    name = "snapkv"
-    needs_draft = False
-
-    def draft_tokens(self, max_tokens: int | None) -> int:
-        return 0

@@ -22,27 +22,59 @@ decode attention); :func:`specpc_record` accepts either.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor
 
-from .base import (
-    Policy,
-    first_occurrences,
-    pool1d,
-    register_policy,
-    topk_desc,
-    window_probs,
-)
+from .base import MethodConfig, Policy, check_budget
+from .ops import first_occurrences, pool1d, topk_desc, window_probs
+from .registry import register_policy
 
 __all__ = [
+    "SpecPCConfig",
     "SpecPCPolicy",
+    "SpecPCStage",
     "neighbor_offsets",
     "specpc_record",
     "specpc_record_scores",
     "specpc_select",
     "specpc_token_scores",
+    "window_row_weights",
 ]
+
+
+class SpecPCConfig(MethodConfig):
+    """SpecPC: draft-guided prompt compression (ALGORITHMS.md, SpecPC)."""
+
+    method: Literal["specpc"] = "specpc"
+    prompt_budget: int = Field(1024, gt=0, description="prompt tokens kept (C)")
+    window: int = Field(64, ge=0, description="last prompt tokens kept and scoring (W)")
+    lookahead: int = Field(1, ge=1, description="draft tokens n; the first n-1 also score")
+    kernel: int = Field(32, ge=1, description="max-pool kernel K")
+    neighbors: int = Field(32, ge=0, description="tokens kept around each selected token")
+    start_layer: int = Field(8, ge=0, description="draft layers below are ignored")
+    weighted_query: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> SpecPCConfig:
+        check_budget(self.prompt_budget, "prompt_budget", self.window, "window")
+        return self
+
+
+def window_row_weights(positions: Tensor, prompt_len: int, window: int,
+                       weighted_query: bool) -> Tensor:
+    """Weights of scoring rows at ``positions``: the prompt-window rows ``P[L-W .. L-1]``
+    weigh ``linspace(0, 1, W)`` (the first 0, the last 1), draft rows (``>= L``) weigh 1.
+    Like the reference, a window of one row is never weighted."""
+    w = torch.ones(positions.shape[0], dtype=torch.float32, device=positions.device)
+    if not weighted_query or window <= 1:
+        return w
+    lin = torch.linspace(0, 1, window, device=positions.device)
+    in_window = positions < prompt_len
+    w[in_window] = lin[positions[in_window] - (prompt_len - window)]
+    return w
 
 
 def specpc_record_scores(probs: Tensor, n_weighted: int, weighted_query: bool) -> Tensor:
@@ -56,11 +88,9 @@ def specpc_record_scores(probs: Tensor, n_weighted: int, weighted_query: bool) -
         weighted_query: the SpecPC ``weighted_query`` switch.
     """
     probs = probs.float()
-    if weighted_query and n_weighted > 1:
-        w = torch.ones(probs.shape[1], dtype=torch.float32, device=probs.device)
-        w[:n_weighted] = torch.linspace(0, 1, n_weighted, device=probs.device)
-        probs = probs * w[None, :, None]
-    return probs.amax(dim=(0, 1))
+    rows = torch.arange(probs.shape[1], device=probs.device)
+    w = window_row_weights(rows, n_weighted, n_weighted, weighted_query)
+    return (probs * w[None, :, None]).amax(dim=(0, 1))
 
 
 def specpc_record(
@@ -136,26 +166,47 @@ def specpc_select(
     return kept.sort().values
 
 
+class SpecPCStage(Policy):
+    """The SpecPC stage, shared with the cascade: the prompt window's last rows and the
+    first ``n - 1`` draft tokens score the prompt in the draft layers ``>= start_layer``.
+    Subclasses say which settings hold the stage's window and kernel."""
+
+    def _pc(self) -> tuple[int, int, int]:
+        """(prompt_budget, window, kernel) of the SpecPC stage."""
+        c = self.cfg
+        return c.prompt_budget, c.window, c.kernel
+
+    def prompt_applies(self, prompt_len: int) -> bool:
+        budget, window, _ = self._pc()
+        return prompt_len > budget and prompt_len >= window
+
+    def check_draft(self, num_layers: int) -> None:
+        if self.cfg.start_layer >= num_layers:
+            raise ValueError(f"start_layer: {self.cfg.start_layer} must be below the draft's "
+                             f"{num_layers} layers")
+
+    def prompt_rows(self, prompt_len: int, n_draft: int) -> range:
+        return range(max(0, prompt_len - self._pc()[1]), prompt_len + max(n_draft, 1) - 1)
+
+    def scores_layer(self, layer: int) -> bool:
+        return layer >= self.cfg.start_layer
+
+    def prompt_row_weights(self, positions: Tensor, prompt_len: int) -> Tensor:
+        return window_row_weights(positions, prompt_len, self._pc()[1], self.cfg.weighted_query)
+
+    def select_prompt(self, score: Tensor) -> Tensor | None:
+        budget, window, kernel = self._pc()
+        return specpc_select(score, budget, window, kernel, self.cfg.neighbors)
+
+
 @register_policy
-class SpecPCPolicy(Policy):
+class SpecPCPolicy(SpecPCStage):
     """SpecPC: the target serves ``P[select_prompt(score)]`` as a fresh, shorter prompt."""
 
     name = "specpc"
+    config_cls = SpecPCConfig
     needs_draft = True
     compresses_prompt = True
 
-    def applies(self, prompt_len: int) -> bool:
-        return prompt_len > self.cfg.prompt_budget and prompt_len >= self.cfg.window
-
-    def prompt_applies(self, prompt_len: int) -> bool:
-        return self.applies(prompt_len)
-
     def draft_tokens(self, max_tokens: int | None) -> int:
         return self.cfg.lookahead
-
-    def prompt_query_window(self) -> int:
-        return self.cfg.window
-
-    def select_prompt(self, token_scores: Tensor) -> Tensor | None:
-        c = self.cfg
-        return specpc_select(token_scores, c.prompt_budget, c.window, c.kernel, c.neighbors)

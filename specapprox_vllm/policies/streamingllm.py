@@ -10,12 +10,29 @@ during decoding (the budget bounds the prompt's share of the cache, as for the o
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor
 
-from .base import Policy, register_policy
+from .base import MethodConfig, Policy, check_budget
+from .registry import register_policy
 
-__all__ = ["StreamingLLMPolicy", "streamingllm_select"]
+__all__ = ["StreamingLLMConfig", "StreamingLLMPolicy", "streamingllm_select"]
+
+
+class StreamingLLMConfig(MethodConfig):
+    """StreamingLLM: ``sink_tokens`` first tokens plus the most recent ones."""
+
+    method: Literal["streamingllm"] = "streamingllm"
+    kv_budget: int = Field(256, gt=0)
+    sink_tokens: int = Field(4, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> StreamingLLMConfig:
+        check_budget(self.kv_budget, "kv_budget", self.sink_tokens, "sink_tokens")
+        return self
 
 
 def streamingllm_select(
@@ -36,21 +53,13 @@ class StreamingLLMPolicy(Policy):
     """Sinks + recent window; needs neither the draft nor attention scores."""
 
     name = "streamingllm"
+    config_cls = StreamingLLMConfig
     compresses_kv = True
 
-    def applies(self, prompt_len: int) -> bool:
-        return prompt_len > self.cfg.kv_budget
+    def kv_entries(self) -> int:
+        return self.cfg.kv_budget
 
-    def select_kv(
-        self,
-        prompt_len: int,
-        num_kv_heads: int,
-        q_window: Tensor | None = None,
-        keys: Tensor | None = None,
-        scale: float | None = None,
-    ) -> Tensor | None:
-        device = keys.device if keys is not None else None
-        idx = streamingllm_select(prompt_len, self.cfg.kv_budget, self.cfg.sink_tokens, device)
-        if idx is None:
-            return None
-        return idx.expand(num_kv_heads, -1).contiguous()
+    def select_kv(self, scores: Tensor | None, keys: Tensor, prompt_len: int) -> Tensor | None:
+        idx = streamingllm_select(prompt_len, self.cfg.kv_budget, self.cfg.sink_tokens,
+                                  keys.device)
+        return None if idx is None else idx.expand(keys.shape[1], -1).contiguous()

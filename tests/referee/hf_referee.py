@@ -258,10 +258,16 @@ class Referee:
         draft: Sequence[int],
         policy: Policy,
         max_new_tokens: int,
+        scores_out: list[Tensor] | None = None,
     ) -> tuple[list[int], Tensor]:
-        """Prefill ``P + D``, keep ``policy.select_kv`` per layer, decode from ``P[L-1]``."""
+        """Prefill ``P + D``, keep ``policy.select_kv_once`` per layer, decode from
+        ``P[L-1]``. The scoring queries are the policy's ``kv_rows``: the last ones.
+        ``scores_out`` (a list) receives each layer's ``score_kv_chunk`` (tests that judge
+        near-ties at the cut)."""
         length, n = len(prompt_ids), len(draft)
-        wq = policy.kv_query_window(n)
+        rows = policy.kv_rows(length, n)
+        assert not rows or rows.stop == length + n, "the referee records the last queries"
+        wq = len(rows)
         rec = _Recorder(wq) if wq > 0 else None
         cache = DynamicCache()
         self._forward(self.target, [*prompt_ids, *draft], cache, 0, rec)
@@ -271,7 +277,10 @@ class Referee:
             k, v = lay.keys, lay.values  # [1, H_kv, L + n, D]
             q_win = rec.queries[layer] if rec is not None else None
             keys = k[0].transpose(0, 1)
-            idx = policy.select_kv(length, h_kv, q_win, keys, rec.scaling if rec else None)
+            scale = rec.scaling if rec else None
+            idx = policy.select_kv_once(length, q_win, keys, scale)
+            if scores_out is not None and q_win is not None:
+                scores_out.append(policy.score_kv_chunk(q_win, keys, length, scale))
             if idx is None:
                 raise AssertionError("select_kv returned None although the policy applies")
             gather = idx[None, :, :, None].expand(1, h_kv, idx.shape[1], k.shape[-1])
@@ -306,10 +315,13 @@ class Referee:
         draft: list[int] = []
         scores = None
         if policy.needs_draft:
-            pc_window = policy.prompt_query_window() if policy.prompt_applies(length) else 0
+            n = policy.draft_tokens(max_new_tokens)
+            pc_window = 0
+            if policy.prompt_applies(length):  # prompt rows: the last pc_window of P
+                pc_window = length - policy.prompt_rows(length, n).start
             draft, scores = self.run_draft(
                 ids,
-                policy.draft_tokens(max_new_tokens),
+                n,
                 pc_window,
                 getattr(cfg, "start_layer", 0),
                 getattr(cfg, "weighted_query", True),
@@ -324,13 +336,8 @@ class Referee:
                 ids = [ids[i] for i in idx.tolist()]
         result.target_prompt_len = len(ids)
 
-        if policy.compresses_kv and self._kv_applies(policy, ids):
+        if policy.kv_applies(len(ids)):
             result.tokens, result.kept_kv = self._speckv_decode(ids, draft, policy, max_new_tokens)
         else:
             result.tokens = self.full_generate(ids, max_new_tokens)
         return result
-
-    @staticmethod
-    def _kv_applies(policy: Policy, ids: Sequence[int]) -> bool:
-        budget = getattr(policy.cfg, "kv_budget", None)
-        return budget is not None and len(ids) > budget

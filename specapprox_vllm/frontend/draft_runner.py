@@ -1,9 +1,11 @@
-"""Runs draft requests on the draft ``AsyncLLM`` and collects what the workers captured.
+"""Runs draft requests on the draft ``AsyncLLM`` and collects the prompt scores its workers
+computed.
 
 A scored draft request is an ordinary vLLM request (batched, chunked, prefix-cached like any
-other) whose ``extra_args`` ask the capture backend for SpecPC token scores; after it
-finishes, the scores are pulled from every worker with ``collective_rpc`` and combined (each
-tensor-parallel rank saw only its own heads; the reduction is a max, so ranks combine by max).
+other) whose ``extra_args`` carry a :class:`~specapprox_vllm.wire.ScoringSpec`; the workers
+score the prompt with the method's own hooks (``specapprox_vllm/worker/prompt_scores.py``).
+After it finishes, the scores are pulled from every worker with ``collective_rpc`` and folded
+with the policy (each tensor-parallel rank saw only its own heads).
 
 Every public call is bounded by ``timeout_s`` and turns any failure of the draft (an exception,
 a dead engine, a timeout) into :class:`DraftFailure`, so that the scheduler can apply the
@@ -19,12 +21,13 @@ import contextlib
 import time
 import uuid
 from collections.abc import Awaitable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
-from specapprox_vllm.capture import EXTRA_KEY, CaptureSpec
+from specapprox_vllm.policies import Policy
+from specapprox_vllm.wire import PROMPT_SCORES_KEY, RPC, ScoringSpec
 
 T = TypeVar("T")
 
@@ -89,7 +92,7 @@ class DraftRunner:
         return list(final.outputs[0].token_ids)
 
     async def _pop(self, key: str) -> list[dict[str, Any]]:
-        results = await self.engine.collective_rpc("specapprox_pop_captures", args=([key],))
+        results = await self.engine.collective_rpc(RPC.POP_PROMPT_SCORES, args=([key],))
         return [r[key] for r in results if r and key in r]
 
     async def _drop_capture(self, key: str) -> None:
@@ -97,41 +100,43 @@ class DraftRunner:
         with contextlib.suppress(Exception):
             await self._pop(key)
 
-    async def score_prompt(self, prompt_ids: list[int], *, window: int, lookahead: int,
-                           start_layer: int, weighted_query: bool,
+    async def score_prompt(self, prompt_ids: list[int], policy: Policy, lookahead: int,
                            request_id: str) -> DraftResult:
-        """Draft ``lookahead`` greedy tokens from ``prompt_ids`` and return SpecPC scores."""
-        return await self._guarded(self._score_prompt(
-            prompt_ids, window, lookahead, start_layer, weighted_query, request_id))
+        """Draft ``lookahead`` greedy tokens from ``prompt_ids`` and score the prompt with
+        ``policy``'s hooks."""
+        return await self._guarded(self._score_prompt(prompt_ids, policy, lookahead,
+                                                      request_id))
 
-    async def _score_prompt(self, prompt_ids: list[int], window: int, lookahead: int,
-                            start_layer: int, weighted_query: bool,
+    async def _score_prompt(self, prompt_ids: list[int], policy: Policy, lookahead: int,
                             request_id: str) -> DraftResult:
         t0 = time.perf_counter()
         retried = False
         for skip_cache in (False, True):
             key = uuid.uuid4().hex
-            spec = CaptureSpec(key=key, prompt_len=len(prompt_ids), window=window,
-                               lookahead=lookahead, start_layer=start_layer,
-                               weighted_query=weighted_query)
+            spec = ScoringSpec.for_policy(key, policy, len(prompt_ids), lookahead)
             try:
                 tokens = await self._generate(prompt_ids, lookahead,
                                               f"{request_id}-draft-{key}",
-                                              {EXTRA_KEY: asdict(spec)}, skip_cache)
+                                              {PROMPT_SCORES_KEY: spec.to_extra()}, skip_cache)
             except BaseException:
                 await self._drop_capture(key)
                 raise
             parts = await self._pop(key)
             if not parts:
-                raise DraftError("the draft engine captured no attention scores (is the "
+                raise DraftError("the draft engine computed no prompt scores (is the "
                                  "specapprox plugin loaded in its workers?)")
+            errors = [p["error"] for p in parts if p["error"]]
+            if errors:
+                raise DraftError(f"prompt scoring failed in the draft workers: {errors[0]}")
             if all(p["complete"] for p in parts):
-                score = torch.stack([torch.tensor(p["score"]) for p in parts]).amax(dim=0)
+                score = None
+                for p in parts:  # tensor-parallel ranks: each scored its own heads
+                    score = policy.fold(score, torch.tensor(p["score"]))
                 return DraftResult(tokens, score, 1e3 * (time.perf_counter() - t0),
                                    sum(p["ms"] for p in parts), retried)
-            # Window queries were served from the prefix cache and never computed.
+            # Scoring rows were served from the prefix cache and never computed.
             retried = True
-        raise DraftError("draft capture incomplete even without prefix caching")
+        raise DraftError("draft prompt scores incomplete even without prefix caching")
 
     async def generate(self, prompt_ids: list[int], max_tokens: int,
                        request_id: str) -> DraftResult:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from specapprox_vllm.loadtest.stats import RequestRecord
+from specapprox_vllm.tools.loadtest.stats import RequestRecord
 
 WIDTH = 50
 METRICS = (("ttft_ms", "TTFT", "Time to First Token"),
@@ -31,7 +31,8 @@ def _header(title: str, char: str = "-") -> str:
 
 
 def _counts(d: dict[str, int]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(d.items())) or "none"
+    # "(none)": nothing counted (a bare "none" would read as the method of that name)
+    return ", ".join(f"{k}={v}" for k, v in sorted(d.items())) or "(none)"
 
 
 def format_block(label: str, s: dict[str, Any], max_concurrency: int | None,

@@ -5,7 +5,7 @@ A SpecKV *decode request* is the prompt ``C`` placeholders + ``P[L-1]`` with
 never reads or publishes shared prefix blocks). At admission the scheduler side tells vLLM
 that its first ``C`` tokens are already available (a synchronous external hit); vLLM
 allocates blocks for ``C + 1`` tokens only, and the worker side writes each layer's stored
-``[C, H_kv, D]`` rows (:mod:`specapprox_vllm.kv_compact`) into those slots with the backend's
+``[C, H_kv, D]`` rows (:mod:`.kv_compaction`) into those slots with the backend's
 own ``do_kv_cache_update`` before the forward pass. Decoding then computes ``P[L-1]`` at
 position ``C`` and continues like any request: the memory really held is that of ``C`` (+
 generated) tokens.
@@ -31,17 +31,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from specapprox_vllm import kv_compact
+from specapprox_vllm import vllm_compat
+from specapprox_vllm.wire import LOAD_KEY, REPORT_KEY
+from specapprox_vllm.worker import kv_compaction
 
 log = logging.getLogger("specapprox.kv_connector")
-LOAD_KEY = "specapprox_load"
-REPORT_KEY = "specapprox"
-CONNECTOR_CONFIG = {
-    "kv_connector": "SpecApproxConnector",
-    "kv_connector_module_path": "specapprox_vllm.kv_connector",
-    "kv_role": "kv_both",
-    "kv_load_failure_policy": "fail",  # never recompute placeholders as if they were P
-}
 
 
 @dataclass
@@ -88,10 +82,9 @@ class SpecApproxConnector(KVConnectorBase_V1):
         report = self._reports.setdefault(request.request_id, {"loads": 0})
         report["loads"] += 1
         report["blocks_at_admission"] = len(block_ids)
-        pool = getattr(self._kv_cache_manager, "block_pool", None)
+        pool = vllm_compat.block_pool_stats(self)
         if pool is not None:
-            report["free_blocks_after_admission"] = pool.get_num_free_blocks()
-            report["num_blocks"] = pool.num_gpu_blocks
+            report["free_blocks_after_admission"], report["num_blocks"] = pool
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         meta = SpecApproxMeta(loads=self._pending, frees=self._frees)
@@ -112,19 +105,15 @@ class SpecApproxConnector(KVConnectorBase_V1):
 
     # ---------------------------------------------------------- worker side
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
-        from vllm.model_executor.layers.attention.attention import Attention
-
         meta = self._get_connector_metadata()
         assert isinstance(meta, SpecApproxMeta)
-        for key in meta.frees:
-            kv_compact.drop([key])
+        kv_compaction.drop(meta.frees)
+        layers = vllm_compat.attention_layers(forward_context)
         for req_id, (key, block_ids, c) in meta.loads.items():
-            entry = kv_compact.STORE.get(key)
+            entry = kv_compaction.stored(key)
             j = torch.arange(c)
             slots = torch.tensor(block_ids, dtype=torch.long)[j // self._block_size]
             slots = slots * self._block_size + j % self._block_size
-            layers = {n: m for n, m in forward_context.no_compile_layers.items()
-                      if isinstance(m, Attention)}
             if entry is None or entry.error or set(layers) - set(entry.kv):
                 log.error("specapprox KV for %s (key %s) is missing", req_id, key)
                 self._failed_blocks.update(block_ids)
@@ -133,7 +122,7 @@ class SpecApproxConnector(KVConnectorBase_V1):
                 k, v = entry.kv[name]
                 if k.shape[0] != c:
                     raise RuntimeError(f"stored {k.shape[0]} rows for {name}, asked for {c}")
-                layer.impl.do_kv_cache_update(layer, k, v, layer.kv_cache, slots)
+                vllm_compat.write_kv(layer, k, v, slots)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return

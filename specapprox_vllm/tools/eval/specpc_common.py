@@ -1,18 +1,18 @@
-"""Helpers shared by ``eval_specpc_draft_layers.py`` and ``bench_prefill.py``.
+"""Helpers shared by the evaluations and benchmarks that start their own server
+(``tools.eval.specpc_draft_layers``, ``tools.eval.accuracy``, ``tools.bench.*``, the soak).
 
-Why a module of its own: both scripts must start ``specapprox-serve`` with a given draft
+Why a module of its own: each of them must start ``specapprox-serve`` with a given draft
 configuration, wait for ``/health``, and - above all - stop it cleanly. vLLM spawns an
 EngineCore and a Worker process per engine; if the server is killed alone those keep two cores
 busy and hold gigabytes, which on this 2-core machine ruins every measurement that follows
 (ours and other engineers'). So the server runs in its own session/process group and is ended
 with SIGTERM to that group (SIGKILL after a grace period), and we check afterwards that no
-process of that group survived. Nothing here imports vLLM: the scripts are HTTP clients.
+process of that group survived. Nothing here imports vLLM: the tools are HTTP clients.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import platform
 import signal
@@ -25,7 +25,9 @@ from typing import Any
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
+from specapprox_vllm.tools.truncate import truncated_checkpoint as product_truncate
+
+REPO = Path(__file__).resolve().parents[3]  # specapprox_vllm/tools/eval/ -> checkout
 SERVE = REPO / ".venv" / "bin" / "specapprox-serve"
 MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -217,44 +219,11 @@ def truncated_checkpoint(layers: int) -> Path:
     ``ValueError: There is no module or parameter named 'layers.k' in LlamaModel`` for the
     checkpoint's extra layers, so the draft engine did not start. A checkpoint that simply lacks
     those layers gives vLLM exactly the draft that ``num_layers`` means (same weights,
-    ``num_hidden_layers = k``, tied LM head). The server now builds such a folder itself
-    (``specapprox_vllm.truncate``, used here when present); on older checkouts this builds an
-    equivalent one under ``models/`` (git-ignored), once.
+    ``num_hidden_layers = k``, tied LM head). The server builds such a folder itself
+    (:func:`specapprox_vllm.tools.truncate.truncated_checkpoint`); this is that function
+    applied to the embedded SmolLM2.
     """
-    try:
-        from specapprox_vllm.truncate import truncated_checkpoint as product_truncate
-    except ImportError:
-        product_truncate = None
-    if product_truncate is not None:
-        return Path(product_truncate(MODEL_DIR, layers))
-
-    from safetensors.torch import load_file, save_file
-
-    out = MODEL_DIR.with_name(f"{MODEL_DIR.name}-first{layers}-eval")
-    done = out / "model.safetensors"
-    if done.exists():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    for f in MODEL_DIR.iterdir():
-        if f.is_file() and f.suffix in (".json", ".jinja") and f.name != "config.json":
-            (out / f.name).write_bytes(f.read_bytes())
-    cfg = json.loads((MODEL_DIR / "config.json").read_text())
-    if not 0 < layers <= cfg["num_hidden_layers"]:
-        raise ValueError(f"layers must be in 1..{cfg['num_hidden_layers']}, got {layers}")
-    cfg["num_hidden_layers"] = layers
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    tensors = load_file(str(MODEL_DIR / "model.safetensors"))
-
-    def keep(name: str) -> bool:
-        parts = name.split(".")
-        return not (len(parts) > 2 and parts[0] == "model" and parts[1] == "layers"
-                    and int(parts[2]) >= layers)
-
-    tmp = out / "model.safetensors.tmp"
-    save_file({k: v for k, v in tensors.items() if keep(k)}, str(tmp),
-              metadata={"format": "pt"})
-    tmp.rename(done)
-    return out
+    return Path(product_truncate(MODEL_DIR, layers))
 
 
 def draft_server_args(layers: int | None, mode: str = "num_layers") -> list[str]:

@@ -2,7 +2,7 @@
 
 RULER (Hsieh et al., 2024) measures long-context retrieval and aggregation with synthetic
 tasks whose answers are checked by string match. The tasks here follow its families, but
-with our natural-sentence haystack (:mod:`specapprox_vllm.eval.needle`) in place of essays,
+with our natural-sentence haystack (:mod:`specapprox_vllm.tools.eval.needle`) in place of essays,
 so nothing has to be downloaded:
 
 * ``niah_single``: one "special magic number" for one key;
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from specapprox_vllm.eval.needle import _ADJ, _NOUNS, _sentence
+from specapprox_vllm.tools.eval.needle import _ADJ, _NOUNS, _sentence
 
 __all__ = ["TASKS", "EvalCase", "make_case", "string_match_all"]
 

@@ -2,10 +2,14 @@
 generates".
 
 For every request it decides, from the request's validated ``approx`` settings, what the
-target engine is handed: the prompt as is (``none``, or a prompt already within budget), or
-an approximated request prepared with the draft engine's help (later methods). It returns a
+target engine is handed: the prompt as is (full attention, or a prompt within budget), or an
+approximated request prepared by :class:`~.pipeline.MethodPipeline`. It returns a
 :class:`Plan` (the prompt and sampling parameters for the target, plus the statistics that end
 up in ``usage.approx``). It never generates the user's answer itself: the target engine does.
+
+Which methods a server offers follows from the registry and the policies' facts: every
+registered method whose needs the server's engines meet (a draft engine for a method that
+needs one).
 
 When the draft fails or times out (:class:`DraftFailure`), the server's ``on_draft_failure``
 policy decides, here and nowhere else: ``fallback`` serves the prompt as is (full attention;
@@ -19,8 +23,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from specapprox_vllm.draft_runner import DraftFailure
-from specapprox_vllm.policies import ApproxConfig
+from specapprox_vllm.frontend.draft_runner import DraftFailure
+from specapprox_vllm.policies import POLICIES, ApproxConfig, Policy, build_policy
 
 DRAFT_FAILURE_POLICIES = ("fallback", "error")
 
@@ -73,35 +77,31 @@ class Plan:
     release: Callable[[], Awaitable[None]] | None = None
 
 
-def _budget(cfg: ApproxConfig) -> int | None:
-    """The prompt length up to which a method changes nothing: its smallest budget (the
-    cascade still compresses the KV of a prompt within ``prompt_budget``)."""
-    budgets = [int(v) for k in ("prompt_budget", "kv_budget")
-               if (v := getattr(cfg, k, None)) is not None]
-    return min(budgets) if budgets else None
-
-
 class DraftScheduler:
-    """Plans each request. Methods register here as they become available in the engine."""
+    """Plans each request with ``pipeline`` (a :class:`~.pipeline.MethodPipeline`, or any
+    callable ``(policy, prompt_ids, sampling_params, request_id) -> Plan`` with a
+    ``has_draft`` attribute and a ``check(policy)`` method; None: full attention only)."""
 
-    def __init__(self, draft_engine: Any | None = None, on_draft_failure: str = "fallback"
+    def __init__(self, pipeline: Any | None = None, on_draft_failure: str = "fallback"
                  ) -> None:
         if on_draft_failure not in DRAFT_FAILURE_POLICIES:
             raise ValueError(f"on_draft_failure: {on_draft_failure!r} is not one of "
                              f"{', '.join(DRAFT_FAILURE_POLICIES)}")
-        self.draft_engine = draft_engine
+        self.pipeline = pipeline
         self.on_draft_failure = on_draft_failure
         self.draft_failures = 0
-        # Methods whose serving path exists. ``none`` needs nothing; the others are added by
-        # their integration modules (SpecPC: draft scoring, SpecKV: target KV compaction).
-        self._handlers: dict[str, Any] = {}
+
+    def can_serve(self, policy_cls: type[Policy]) -> bool:
+        """Full attention always; an approximation when the pipeline exists, and has a draft
+        engine if the method needs one."""
+        if not (policy_cls.compresses_prompt or policy_cls.compresses_kv):
+            return True
+        return self.pipeline is not None and (not policy_cls.needs_draft
+                                              or self.pipeline.has_draft)
 
     @property
     def supported_methods(self) -> tuple[str, ...]:
-        return ("none", *self._handlers)
-
-    def add_handler(self, method: str, handler: Any) -> None:
-        self._handlers[method] = handler
+        return tuple(name for name, cls in POLICIES.items() if self.can_serve(cls))
 
     def check_supported(self, method: str) -> None:
         if method not in self.supported_methods:
@@ -114,27 +114,23 @@ class DraftScheduler:
         """Reject, before any work, what this server cannot run (a ``ValueError`` whose
         message starts with the offending field)."""
         self.check_supported(cfg.method)
-        validate = getattr(self._handlers.get(cfg.method), "validate", None)
-        if validate is not None:
-            validate(cfg)
+        if self.pipeline is not None:
+            self.pipeline.check(build_policy(cfg))
 
     async def plan(
         self, prompt_token_ids: list[int], sampling_params: Any, cfg: ApproxConfig,
         request_id: str,
     ) -> Plan:
         n = len(prompt_token_ids)
-        if cfg.method == "none":
-            return Plan(prompt_token_ids, ApproxStats("none", False, n, n))
+        policy = build_policy(cfg)
+        if not (policy.compresses_prompt or policy.compresses_kv):
+            return Plan(prompt_token_ids, ApproxStats(cfg.method, False, n, n))
         self.check_supported(cfg.method)
-        budget = _budget(cfg)
-        if budget is not None and n <= budget:
-            return Plan(
-                prompt_token_ids,
-                ApproxStats(cfg.method, False, n, n, reason="prompt_within_budget"),
-            )
+        if not policy.applies(n):
+            return Plan(prompt_token_ids,
+                        ApproxStats(cfg.method, False, n, n, reason="prompt_within_budget"))
         try:
-            return await self._handlers[cfg.method](prompt_token_ids, sampling_params, cfg,
-                                                     request_id)
+            return await self.pipeline(policy, prompt_token_ids, sampling_params, request_id)
         except DraftFailure as e:
             self.draft_failures += 1
             if self.on_draft_failure == "error":

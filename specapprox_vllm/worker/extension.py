@@ -1,41 +1,33 @@
-"""Worker extension (vLLM ``worker_extension_cls``): methods the API process calls through
-``AsyncLLM.collective_rpc``, the public channel for bulk per-request results."""
+"""Worker extension (vLLM ``worker_extension_cls``): the methods the API process calls through
+``AsyncLLM.collective_rpc`` (names in :class:`specapprox_vllm.wire.RPC`), the public channel
+for bulk per-request results."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from specapprox_vllm.memory import trim_heap
+from specapprox_vllm.worker import kv_compaction, prompt_scores
+
 
 class SpecApproxWorkerExtension:
     def specapprox_pop_captures(self, keys: list[str]) -> dict[str, dict[str, Any]]:
-        from specapprox_vllm.capture import pop_captures
-
-        return pop_captures(keys)
+        return prompt_scores.pop_scores(keys)
 
     def specapprox_capture_count(self) -> int:
-        from specapprox_vllm.capture import CAPTURES
-
-        return len(CAPTURES)
+        return prompt_scores.count()
 
     def specapprox_kv_results(self, keys: list[str], with_indices: bool = False
                               ) -> dict[str, dict[str, Any]]:
-        from specapprox_vllm.kv_compact import results
-
-        return results(keys, with_indices)
+        return kv_compaction.results(keys, with_indices)
 
     def specapprox_kv_drop(self, keys: list[str]) -> int:
-        from specapprox_vllm.kv_compact import drop
-
-        return drop(keys)
+        return kv_compaction.drop(keys)
 
     def specapprox_kv_store_info(self) -> dict[str, int]:
-        from specapprox_vllm.kv_compact import store_info
-
-        return store_info()
+        return kv_compaction.store_info()
 
     def specapprox_trim_memory(self) -> dict[str, Any]:
         """Free heap pages back to the OS (see ``specapprox_vllm/memory.py``). Sent through
         ``collective_rpc``, so it runs between engine steps, never during a forward pass."""
-        from specapprox_vllm.memory import trim_heap
-
         return trim_heap()

@@ -1,11 +1,15 @@
 """The accuracy sweep's grid and its aggregation (pure Python; the HTTP side lives in
-``scripts/eval_accuracy.py``).
+:mod:`specapprox_vllm.tools.eval.accuracy`).
 
 A *setting* is one ``approx`` object (a method at a budget). Every case of every (task,
-length) cell is served once per setting; ``none`` (full attention) is the reference. Cells
-where ``none`` scores below ``min_full`` are dropped from the averages (RULER-style
-calibration: a 135M model cannot do every task, and a method cannot lose accuracy the model
-never had), and the report says which.
+length) cell is served once per setting; full attention (:data:`REFERENCE`) is the
+reference. Cells where it scores below ``min_full`` are dropped from the averages
+(RULER-style calibration: a 135M model cannot do every task, and a method cannot lose
+accuracy the model never had), and the report says which.
+
+Which budget a method takes is a fact of its policy: a KV method (``compresses_kv``) sweeps
+``kv_budget``, a prompt method (``compresses_prompt``) ``prompt_budget``; a method that does
+both (the cascade) sweeps ``kv_budget`` at a fixed ``prompt_budget``.
 """
 
 from __future__ import annotations
@@ -15,38 +19,54 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-KV_METHODS = ("streamingllm", "snapkv", "speckv")
-PROMPT_METHODS = ("specpc",)
+from specapprox_vllm.policies import DEFAULT_METHOD, get_policy
+
+#: The setting every other one is compared with: full attention, no budget.
+REFERENCE = DEFAULT_METHOD
+
+
+def compresses(method: str) -> bool:
+    """Whether ``method`` takes a budget at all (the reference takes none)."""
+    policy = get_policy(method)
+    return policy.compresses_kv or policy.compresses_prompt
 
 
 @dataclass(frozen=True)
 class Setting:
     method: str
-    budget: int | None  # the swept budget (KV entries, or prompt tokens for specpc)
+    budget: int | None  # the swept budget (KV entries, or prompt tokens for a prompt method)
 
     @property
     def label(self) -> str:
         return self.method if self.budget is None else f"{self.method}@{self.budget}"
 
+    @property
+    def is_reference(self) -> bool:
+        return self.method == REFERENCE
+
     def approx(self, cascade_prompt_budget: int = 2048) -> dict[str, Any]:
-        if self.method == "none":
-            return {"method": "none"}
-        if self.method in PROMPT_METHODS:
-            return {"method": self.method, "prompt_budget": self.budget}
-        if self.method == "speckv_pc":
-            return {"method": self.method, "kv_budget": self.budget,
-                    "prompt_budget": cascade_prompt_budget}
-        return {"method": self.method, "kv_budget": self.budget}
+        out: dict[str, Any] = {"method": self.method}
+        if self.budget is None:
+            return out
+        policy = get_policy(self.method)
+        if policy.compresses_kv:
+            out["kv_budget"] = self.budget
+            if policy.compresses_prompt:
+                out["prompt_budget"] = cascade_prompt_budget
+        elif policy.compresses_prompt:
+            out["prompt_budget"] = self.budget
+        return out
 
 
 def settings(methods: list[str], kv_budgets: list[int], prompt_budgets: list[int]
              ) -> list[Setting]:
-    """``none`` first (the reference, and it warms the prefix cache for the rest)."""
-    out = [Setting("none", None)]
+    """The reference first (it warms the prefix cache for the rest), then each method that
+    compresses at each of its budgets."""
+    out = [Setting(REFERENCE, None)]
     for m in methods:
-        if m == "none":
+        if not compresses(m):
             continue
-        budgets = prompt_budgets if m in PROMPT_METHODS else kv_budgets
+        budgets = kv_budgets if get_policy(m).compresses_kv else prompt_budgets
         out += [Setting(m, b) for b in budgets]
     return out
 
@@ -62,8 +82,8 @@ def cell_means(records: list[dict[str, Any]]) -> dict[tuple[str, str, int], floa
 def calibrate(means: dict[tuple[str, str, int], float], min_full: float = 0.5
               ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """(kept cells, dropped cells): a cell is kept when full attention scores >= min_full."""
-    cells = sorted({(t, n) for (s, t, n) in means if s == "none"})
-    kept = [c for c in cells if means[("none", *c)] >= min_full]
+    cells = sorted({(t, n) for (s, t, n) in means if s == REFERENCE})
+    kept = [c for c in cells if means[(REFERENCE, *c)] >= min_full]
     return kept, [c for c in cells if c not in kept]
 
 
@@ -92,7 +112,7 @@ def summarize(records: list[dict[str, Any]], min_full: float = 0.5) -> dict[str,
     return {
         "min_full": min_full,
         "kept_cells": [list(c) for c in kept],
-        "dropped_cells": [{"task": t, "length": n, "full": means[("none", t, n)]}
+        "dropped_cells": [{"task": t, "length": n, "full": means[(REFERENCE, t, n)]}
                           for t, n in dropped],
         "min_samples_per_cell": min(counts.values()) if counts else 0,
         "settings": table,
@@ -119,7 +139,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
     for label, row in summary["settings"].items():
         vals = [row["mean"], *(row["by_task"].get(t) for t in tasks),
                 *(row["by_length"].get(str(n)) for n in lengths)]
-        name = "none (full)" if label == "none" else label
+        name = f"{label} (full)" if label == REFERENCE else label
         lines.append("| " + " | ".join([name, *(cell(v) for v in vals)]) + " |")
     for d in summary["dropped_cells"]:
         lines.append(f"\nDropped: {d['task']} at {d['length']} tokens (full attention "

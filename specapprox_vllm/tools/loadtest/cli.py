@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from specapprox_vllm.loadtest.client import ENDPOINTS, RunConfig, run_setting
-from specapprox_vllm.loadtest.prompts import (
+from specapprox_vllm.tools.loadtest.client import ENDPOINTS, RunConfig, run_setting
+from specapprox_vllm.tools.loadtest.prompts import (
     LocalTokenizer,
     Prompt,
     ServerTokenizer,
@@ -34,13 +34,13 @@ from specapprox_vllm.loadtest.prompts import (
     synthetic_prompts,
     tag_prompt,
 )
-from specapprox_vllm.loadtest.report import (
+from specapprox_vllm.tools.loadtest.report import (
     format_block,
     format_comparison,
     write_plots,
     write_results,
 )
-from specapprox_vllm.loadtest.stats import parse_goodput, summarize
+from specapprox_vllm.tools.loadtest.stats import parse_goodput, summarize
 
 
 class UsageError(ValueError):
@@ -274,3 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"done in {time.time() - t0:.1f} s; {failed} failed request(s)")
     return 1 if (failed and args.fail_on_error) else 0
 
+
+
+if __name__ == "__main__":
+    sys.exit(main())

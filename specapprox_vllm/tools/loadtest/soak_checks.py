@@ -1,4 +1,4 @@
-"""Bookkeeping and invariants of the soak test (``scripts/soak.py``, issue 8 part 6).
+"""Bookkeeping and invariants of the soak test (:mod:`.soak`, issue 8 part 6).
 
 Why a module of its own: this is the part that decides pass or fail, so it is pure (no
 server, no I/O) and unit-tested with synthetic events (tests/test_soak.py); the script only
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from specapprox_vllm.loadtest.stats import percentile
+from specapprox_vllm.tools.loadtest.stats import percentile
 
 OUTCOMES = ("ok", "cancelled", "rejected", "throttled", "unexpected")
 MIB = 1024 * 1024

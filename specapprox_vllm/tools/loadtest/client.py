@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 
-from specapprox_vllm.loadtest.prompts import Prompt
-from specapprox_vllm.loadtest.stats import RequestRecord
+from specapprox_vllm.tools.loadtest.prompts import Prompt
+from specapprox_vllm.tools.loadtest.stats import RequestRecord
 
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 

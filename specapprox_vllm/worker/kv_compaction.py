@@ -1,0 +1,147 @@
+"""KV compaction in the target engine's workers (every KV method: SpecKV, SnapKV-style,
+StreamingLLM, the cascade's second stage, and any registered KV policy).
+
+A *scoring request* on the target engine is ``P + D`` (``D``: the draft's ``n`` tokens, empty
+for draft-free methods) flagged with ``extra_args[KV_COMPACTION_KEY]``. While vLLM prefills it
+(chunked, batched with anything else), :func:`compact_layer` runs after each layer's real
+attention:
+
+* the rows of ``policy.kv_rows(L, n)`` that this step computed score the keys
+  (``policy.score_kv_chunk``), and the scores fold into a running per-layer score
+  (``policy.fold``); for SpecKV (max over grouped heads and window queries) chunked prefill
+  then needs nothing special (ALGORITHMS.md "SpecKV" step 3);
+* in the step that computes the last token, each layer selects its ``C`` entries per KV head
+  (``policy.select_kv``), gathers their K/V from the paged cache, re-rotates the keys by
+  ``delta = L - 1 - C`` so that decoding can run at vLLM's natural positions ``C, C + 1, ...``
+  with every relative distance unchanged, and keeps ``[C, H_kv, D]`` K and V per layer in
+  :data:`STORE` under the request's key.
+
+The decode request then gets those rows injected by :mod:`.kv_connector`. Each tensor-parallel
+rank sees (and stores) only its own KV heads.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from specapprox_vllm import vllm_compat
+from specapprox_vllm.wire import ScoringSpec
+from specapprox_vllm.worker.store import RequestStore
+
+MAX_STORED = 1024  # entries nobody decoded or dropped (crashed clients) go, oldest first
+INCOMPLETE = "incomplete: window rows came from the prefix cache"
+
+
+@dataclass
+class KVEntry:
+    """One request's compaction state, then its compacted K/V, in this worker."""
+
+    spec: ScoringSpec
+    scores: dict[str, Tensor] = field(default_factory=dict)  # layer -> folded score
+    rows: dict[str, set[int]] = field(default_factory=dict)  # layer -> scoring rows folded
+    kv: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # layer -> K, V
+    indices: dict[str, Tensor] = field(default_factory=dict)  # layer -> [H_kv, C]
+    error: str | None = None
+    ms: float = 0.0
+
+
+STORE: RequestStore[KVEntry] = RequestStore(MAX_STORED, KVEntry)
+_ROPE: dict[str, Any] = {}  # layer name -> rotary module
+
+
+def compact_layer(impl: Any, layer: Any, query: Tensor, kv_cache: Tensor, attn_metadata: Any,
+                  rows: dict[int, ScoringSpec], runner: Any) -> None:
+    """Fold this layer's scoring rows of every scoring request; compact at the last token."""
+    name = layer.layer_name
+    for row, spec in rows.items():
+        entry = STORE.entry(spec)
+        view = vllm_compat.batch_row(attn_metadata, row)
+        if entry.error is not None or view is None:
+            continue
+        t0 = time.perf_counter()
+        try:
+            spec = entry.spec
+            policy = spec.policy
+            rows_here = view.overlap(policy.kv_rows(spec.prompt_len, spec.n_draft))
+            keys = None
+            if rows_here:
+                keys = vllm_compat.paged_keys(layer, kv_cache, view.block_table,
+                                              torch.arange(view.seq_len))
+                part = policy.score_kv_chunk(view.queries(query, rows_here), keys,
+                                             spec.prompt_len, vllm_compat.attention_scale(impl))
+                entry.scores[name] = policy.fold(entry.scores.get(name), part)
+                entry.rows.setdefault(name, set()).update(rows_here)
+            if view.seq_len == spec.seq_len:
+                _finish_layer(entry, name, layer, kv_cache, view.block_table, keys, runner)
+        except Exception as exc:  # reported to the API process, which fails the request
+            entry.error = f"{type(exc).__name__}: {exc}"
+        entry.ms += 1e3 * (time.perf_counter() - t0)
+
+
+def _finish_layer(entry: KVEntry, name: str, layer: Any, kv_cache: Tensor, table: Tensor,
+                  keys: Tensor | None, runner: Any) -> None:
+    spec, policy = entry.spec, entry.spec.policy
+    length = spec.prompt_len
+    scoring = policy.kv_rows(length, spec.n_draft)
+    if len(scoring) and entry.rows.pop(name, set()) != set(scoring):
+        # Scoring rows served from the prefix cache were never computed: the caller re-runs
+        # the scoring request without reading the prefix cache.
+        entry.error = INCOMPLETE
+        return
+    positions = torch.arange(length - 1)
+    if keys is None:
+        keys = vllm_compat.paged_keys(layer, kv_cache, table, positions)
+    keys = keys[: length - 1]
+    idx = policy.select_kv(entry.scores.pop(name, None), keys, length)
+    if idx is None:
+        raise ValueError(f"prompt of {length} tokens is within kv_budget {policy.kv_entries()}")
+    h_kv, c = idx.shape
+    if c != policy.kv_entries():
+        raise ValueError(f"{policy.name}.select_kv kept {c} entries, kv_entries() says "
+                         f"{policy.kv_entries()}")
+    values = vllm_compat.paged_values(layer, kv_cache, table, positions)
+    gather = idx.t()[:, :, None].expand(c, h_kv, keys.shape[-1])  # row j, head h -> idx[h, j]
+    k_sel = keys.gather(0, gather)
+    v_sel = values.gather(0, gather)
+    if name not in _ROPE:
+        _ROPE[name] = vllm_compat.rotary_for_layer(runner, name)
+    k_sel = vllm_compat.rerotate(k_sel, _ROPE[name], length - 1 - c)
+    entry.kv[name] = (k_sel.contiguous(), v_sel.contiguous())
+    if spec.want_indices:
+        entry.indices[name] = idx.clone()
+
+
+def stored(key: str) -> KVEntry | None:
+    """The entry of a finished scoring request (the connector loads its K/V)."""
+    return STORE.get(key)
+
+
+def results(keys: list[str], with_indices: bool = False) -> dict[str, dict[str, Any]]:
+    """Status of scoring requests (for ``collective_rpc``): layers compacted, error, time."""
+    out: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        entry = STORE.get(key)
+        if entry is None:
+            continue
+        res: dict[str, Any] = {"layers": len(entry.kv), "error": entry.error, "ms": entry.ms}
+        if with_indices:
+            res["indices"] = {n: t.tolist() for n, t in entry.indices.items()}
+        out[key] = res
+    return out
+
+
+def drop(keys: list[str]) -> int:
+    """Forget stored entries (finished or abandoned requests); returns how many existed."""
+    return sum(STORE.pop(key, None) is not None for key in keys)
+
+
+def store_info() -> dict[str, int]:
+    """Entries and bytes held outside vLLM's KV pool (leak checks, docs)."""
+    nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                 for e in STORE.values() for k, v in e.kv.values())
+    return {"entries": len(STORE), "bytes": nbytes}

@@ -1,0 +1,320 @@
+"""One test per vLLM patch point (``vllm_compat.PATCH_POINTS``): each function of the compat
+module is exercised against the installed vLLM's own classes, so that an upgrade which moves a
+field, a layout or a signature fails here, in one place, rather than corrupting outputs.
+Engine-level behaviour (hooks in a running engine) is covered end to end by
+tests/test_speckv_vllm.py and tests/test_specpc_vllm.py against the HF referee."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import specapprox_vllm
+from specapprox_vllm import vllm_compat
+
+SYMBOLS = sorted({s for syms in vllm_compat.PATCH_POINTS.values() for s in syms})
+
+
+def test_every_patch_point_is_a_compat_function_with_a_test() -> None:
+    here = sys.modules[__name__]
+    for name in vllm_compat.PATCH_POINTS:
+        assert callable(getattr(vllm_compat, name, None)), f"vllm_compat.{name} is missing"
+        assert callable(getattr(here, f"test_{name}", None)), f"no test_{name} here"
+
+
+@pytest.mark.parametrize("symbol", SYMBOLS)
+def test_patch_point_symbols_exist(symbol: str) -> None:
+    module, attr = symbol.split(":")
+    assert hasattr(importlib.import_module(module), attr), f"{symbol} is gone"
+
+
+# ---------------------------------------------------------------- engine hooks
+def test_install_hooks() -> None:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from specapprox_vllm.worker.cpu_backend import CaptureCPUBackend
+
+    specapprox_vllm.register()
+    assert AttentionBackendEnum.CPU_ATTN.get_path() == vllm_compat.CPU_BACKEND_PATH
+    assert AttentionBackendEnum.CPU_ATTN.get_class() is CaptureCPUBackend
+
+
+def test_make_cpu_backend() -> None:
+    """The backend keeps CPU_ATTN's forward signature, which the override wraps."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    fwd = tuple(inspect.signature(CPUAttentionBackendImpl.forward).parameters)
+    assert fwd[: len(vllm_compat.IMPL_FORWARD_PARAMS)] == vllm_compat.IMPL_FORWARD_PARAMS
+    backend = vllm_compat.make_cpu_backend(lambda *a: None, lambda *a: None)
+    impl = backend.get_impl_cls()
+    assert impl.__name__ == "CaptureCPUImpl" and issubclass(impl, CPUAttentionBackendImpl)
+
+
+def test_patch_model_runner() -> None:
+    """The wrapped method keeps its parameters, and the runner state the wrapper reads
+    (``input_batch.req_ids``, ``input_batch.num_reqs``, ``requests``) is still there."""
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    prep = tuple(inspect.signature(GPUModelRunner._prepare_inputs).parameters)
+    assert prep == vllm_compat.PREPARE_INPUTS_PARAMS
+    init = inspect.getsource(GPUModelRunner.__init__)
+    assert "self.input_batch" in init and "self.requests" in init
+    assert isinstance(inspect.getattr_static(InputBatch, "req_ids"), property)
+    assert isinstance(inspect.getattr_static(InputBatch, "num_reqs"), property)
+
+
+def test_step_extra_args() -> None:
+    from vllm import SamplingParams
+    from vllm.v1.worker.gpu_input_batch import CachedRequestState
+
+    assert "sampling_params" in {f.name for f in dataclasses.fields(CachedRequestState)}
+    flagged = SamplingParams(extra_args={"k": 1})
+    requests = {"a": SimpleNamespace(sampling_params=SamplingParams()),
+                "b": SimpleNamespace(sampling_params=flagged)}
+    assert vllm_compat.step_extra_args(["a", None, "b"], requests) == {2: {"k": 1}}
+
+
+def test_batch_row() -> None:
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
+
+    table = torch.tensor([[3, 4, 0], [7, 0, 0]])
+    meta = CPUAttentionMetadata(
+        num_actual_tokens=7, max_query_len=6, query_start_loc=torch.tensor([0, 6, 7]),
+        max_seq_len=200, seq_lens=torch.tensor([200, 41]), block_table=table,
+        slot_mapping=torch.zeros(7, dtype=torch.long), scheduler_metadata=None)
+    row = vllm_compat.batch_row(meta, 0)
+    assert (row.q_start, row.q_end, row.seq_len, row.computed_before) == (0, 6, 200, 194)
+    assert torch.equal(row.block_table, table[0])
+    assert vllm_compat.batch_row(meta, 1).computed_before == 40
+    assert vllm_compat.batch_row(meta, 2) is None
+
+
+def _cpu_impl(num_heads: int = 4, num_kv_heads: int = 2, head_size: int = 64):
+    """A real CPU_ATTN impl, built outside an engine (only the model dtype is asked of the
+    current vLLM config)."""
+    from unittest import mock
+
+    from vllm.v1.attention.backends import cpu_attn
+
+    config = SimpleNamespace(model_config=SimpleNamespace(dtype=torch.float32))
+    with mock.patch.object(cpu_attn, "get_current_vllm_config", lambda: config):
+        return cpu_attn.CPUAttentionBackendImpl(num_heads, head_size, 0.125, num_kv_heads,
+                                                None, None, "auto")
+
+
+def test_attention_scale() -> None:
+    assert vllm_compat.attention_scale(_cpu_impl()) == 0.125
+
+
+def _round_trip():
+    """K/V written by CPU_ATTN's own writer, read back by position."""
+    blocks, h_kv, bs, d = 6, 2, 32, 64
+    impl = _cpu_impl(num_kv_heads=h_kv, head_size=d)
+    cache = torch.zeros(blocks, h_kv, bs, 2 * d)
+    layer = SimpleNamespace(isa="vec", _k_scale_float=1.0, _v_scale_float=1.0, kv_cache=cache,
+                            impl=impl)
+    g = torch.Generator().manual_seed(0)
+    n = 70
+    k, v = torch.randn(n, h_kv, d, generator=g), torch.randn(n, h_kv, d, generator=g)
+    table = torch.tensor([4, 1, 5], dtype=torch.int32)  # positions 0..95 in blocks 4, 1, 5
+    pos = torch.arange(n)
+    slots = table[pos // bs].long() * bs + pos % bs
+    vllm_compat.write_kv(layer, k, v, slots)
+    return layer, cache, table, k, v
+
+
+def test_write_kv() -> None:
+    _, cache, table, k, _ = _round_trip()
+    assert cache[table[0].item()].abs().sum() > 0 and cache[0].abs().sum() == 0
+
+
+def test_paged_keys() -> None:
+    layer, cache, table, k, _ = _round_trip()
+    pos = torch.tensor([0, 31, 32, 69, 5])
+    assert torch.equal(vllm_compat.paged_keys(layer, cache, table, pos), k[pos])
+    with pytest.raises(vllm_compat.UnsupportedKVLayout, match="amx"):
+        vllm_compat.paged_keys(SimpleNamespace(isa="amx"), cache, table, pos)
+
+
+def test_paged_values() -> None:
+    layer, cache, table, _, v = _round_trip()
+    pos = torch.arange(70)
+    assert torch.equal(vllm_compat.paged_values(layer, cache, table, pos), v)
+
+
+def test_attention_layers() -> None:
+    from vllm.forward_context import ForwardContext
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    assert "no_compile_layers" in {f.name for f in dataclasses.fields(ForwardContext)}
+    attn = Attention.__new__(Attention)
+    ctx = SimpleNamespace(no_compile_layers={"model.layers.0.self_attn.attn": attn,
+                                             "model.layers.0.mlp": torch.nn.Linear(2, 2)})
+    assert vllm_compat.attention_layers(ctx) == {"model.layers.0.self_attn.attn": attn}
+
+
+def _rope(scaling: dict | None = None, neox: bool = True):
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    params = {"rope_theta": 10000.0, **({"rope_type": "default"} | (scaling or {}))}
+    with set_current_vllm_config(VllmConfig()):
+        return get_rope(64, max_position=4096, is_neox_style=neox, rope_parameters=params,
+                        dtype=torch.float32)
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 512}
+
+
+def test_check_rerotation() -> None:
+    """Kept keys are moved from position p to p - delta with vLLM's own rotary code; the
+    self-check that guards it must pass for the standard rope and llama3 scaling."""
+    for scaling, neox in ((None, True), (None, False), (LLAMA3, True)):
+        vllm_compat.check_rerotation(_rope(scaling, neox))
+
+
+def test_rerotate() -> None:
+    """Keys rotated at p by vLLM's rotary module, re-rotated by delta, equal the keys that
+    module rotates at p - delta (llama3 scaling, GPT-J style pairs)."""
+    rope = _rope(LLAMA3, neox=False)
+    raw = torch.randn(3, 2 * 64, generator=torch.Generator().manual_seed(1))
+    pos = torch.tensor([300, 1000, 3000])
+    cache = rope.cos_sin_cache.float()
+
+    def rotate(p: torch.Tensor) -> torch.Tensor:
+        _, k = rope.forward_static(p, torch.zeros_like(raw), raw.clone(), 64, rope.rotary_dim,
+                                   cache, rope.is_neox_style)
+        return k.view(3, 2, 64)
+
+    keys = rotate(pos)
+    assert vllm_compat.rerotate(keys, rope, 0) is keys
+    # fp32 sin/cos at positions in the thousands: the product's own self-check bound (1e-3)
+    assert torch.allclose(vllm_compat.rerotate(keys, rope, 250), rotate(pos - 250), atol=1e-3)
+
+
+def test_rotary_for_layer() -> None:
+    attn = torch.nn.Module()
+    attn.rotary_emb = _rope()
+    model = torch.nn.Module()
+    model.add_module("self_attn", attn)
+    runner = SimpleNamespace(get_model=lambda: model)
+    assert vllm_compat.rotary_for_layer(runner, "self_attn.attn") is attn.rotary_emb
+
+    class Shifted(type(attn.rotary_emb)):
+        def forward_native(self, *args, **kwargs):  # position-dependent: not re-rotatable
+            return super().forward_native(*args, **kwargs)
+
+    attn.rotary_emb.__class__ = Shifted
+    with pytest.raises(vllm_compat.UnsupportedRope, match="Shifted"):
+        vllm_compat.rotary_for_layer(runner, "self_attn.attn")
+
+
+# ---------------------------------------------------------------- scheduler and engine
+def test_block_pool_stats() -> None:
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    assert "_kv_cache_manager" in inspect.getsource(KVConnectorBase_V1.__init__)
+    assert "self.block_pool" in inspect.getsource(KVCacheManager.__init__)
+    pool = BlockPool(num_gpu_blocks=10, enable_caching=False, hash_block_size=16)
+    connector = SimpleNamespace(_kv_cache_manager=SimpleNamespace(block_pool=pool))
+    assert vllm_compat.block_pool_stats(connector) == (9, 10)  # block 0 is the null block
+    assert vllm_compat.block_pool_stats(SimpleNamespace(_kv_cache_manager=None)) is None
+
+
+def _fake_engine(num_blocks: int | None = 100):
+    from vllm.config.cache import CacheConfig
+
+    cache = CacheConfig(block_size=32)
+    cache.num_gpu_blocks = num_blocks
+    model = SimpleNamespace(hf_config=SimpleNamespace(num_hidden_layers=30),
+                            get_total_num_kv_heads=lambda: 3, get_head_size=lambda: 64,
+                            dtype=torch.float32)
+    return SimpleNamespace(vllm_config=SimpleNamespace(cache_config=cache), model_config=model)
+
+
+def test_kv_pool_blocks() -> None:
+    assert vllm_compat.kv_pool_blocks(_fake_engine(100)) == 100
+    assert vllm_compat.kv_pool_blocks(SimpleNamespace()) is None
+
+
+def test_kv_geometry() -> None:
+    from vllm.config import ModelConfig
+
+    for name in ("get_total_num_kv_heads", "get_head_size"):
+        assert callable(getattr(ModelConfig, name))
+    geo = vllm_compat.kv_geometry(_fake_engine())
+    assert (geo.block_size, geo.num_blocks, geo.num_layers) == (32, 100, 30)
+    assert geo.token_bytes == 2 * 30 * 3 * 64 * 4
+
+
+def test_stat_loggers() -> None:
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.metrics.loggers import StatLoggerManager
+
+    assert "self.logger_manager" in inspect.getsource(AsyncLLM.__init__)
+    assert "self.stat_loggers" in inspect.getsource(StatLoggerManager.__init__)
+    loggers: list = []
+    engine = SimpleNamespace(logger_manager=SimpleNamespace(stat_loggers=loggers))
+    assert vllm_compat.stat_loggers(engine) is loggers
+    assert vllm_compat.stat_loggers(SimpleNamespace(logger_manager=None)) is None
+
+
+def test_scheduler_view() -> None:
+    """The fields of SchedulerStats that our metrics read."""
+    from vllm.v1.metrics.stats import SchedulerStats
+
+    names = {f.name for f in dataclasses.fields(SchedulerStats)}
+    assert {"num_running_reqs", "num_waiting_reqs", "num_skipped_waiting_reqs",
+            "kv_cache_usage"} <= names
+    stats = SchedulerStats(num_running_reqs=2, num_waiting_reqs=3, num_skipped_waiting_reqs=1,
+                           kv_cache_usage=0.25)
+    view = vllm_compat.scheduler_view(stats)
+    assert (view.running, view.waiting, view.kv_cache_usage) == (2, 4, 0.25)
+
+
+def test_engine_pids() -> None:
+    from vllm.v1.engine.core_client import BackgroundResources
+    from vllm.v1.engine.utils import CoreEngineProcManager
+
+    assert "engine_manager" in {f.name for f in dataclasses.fields(BackgroundResources)}
+    assert "self.processes" in inspect.getsource(CoreEngineProcManager.__init__)
+    procs = [SimpleNamespace(pid=11), SimpleNamespace(pid=None)]
+    engine = SimpleNamespace(engine_core=SimpleNamespace(resources=SimpleNamespace(
+        engine_manager=SimpleNamespace(processes=procs))))
+    assert vllm_compat.engine_pids(engine) == [11]
+    assert vllm_compat.engine_pids(SimpleNamespace()) == []
+
+
+# ---------------------------------------------------------------- OpenAI front end
+def test_serve_arg_parser() -> None:
+    args = vllm_compat.serve_arg_parser().parse_args(
+        ["--model", "m", "--served-model-name", "x", "--port", "8123"])
+    assert (args.model, args.port, args.served_model_name) == ("m", 8123, ["x"])
+
+
+def test_validate_serve_args() -> None:
+    args = vllm_compat.serve_arg_parser().parse_args(["--model", "m"])
+    vllm_compat.validate_serve_args(args)
+
+
+def test_build_openai_app() -> None:
+    """The builders keep the parameters the compat function passes (the running app is
+    exercised by every server test)."""
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.app import build_app
+
+    assert list(inspect.signature(build_app).parameters)[:3] == [
+        "args", "supported_tasks", "model_config"]
+    assert list(inspect.signature(init_app_state).parameters)[:4] == [
+        "engine_client", "state", "args", "supported_tasks"]
+    assert inspect.iscoroutinefunction(init_app_state)
