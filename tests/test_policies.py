@@ -326,7 +326,9 @@ def test_policy_objects_delegate_to_functions() -> None:
     snap = build_policy(make_approx_config("snapkv", {"kv_budget": 20, "window": 4}))
     assert snap.draft_tokens(100) == 0 and len(snap.kv_rows(50, 0)) == 5
     casc = build_policy(make_approx_config("speckv_pc", {"kv_budget": 20, "window": 4}))
-    assert casc.draft_tokens(500) == 20 and 3000 - casc.prompt_rows(3000, 20).start == 64
+    # the cascade drafts SpecKV's n (ALGORITHMS.md, corrected): max_tokens capped at 64
+    assert casc.draft_tokens(500) == 64 and casc.draft_tokens(10) == 10
+    assert 3000 - casc.prompt_rows(3000, 20).start == 64
     assert torch.equal(casc.select_kv_once(50, q, k), speckv_select_qk(q, k, 50, 20, 4, 7))
     pc = build_policy(make_approx_config("specpc", {"prompt_budget": 16, "window": 4}))
     score = torch.rand(40, generator=gen)
@@ -367,7 +369,8 @@ def test_method_yaml_defaults_match_algorithms_md() -> None:
         c.window,
         c.kernel,
         c.lookahead,
-    ) == (2048, 32, 32, 256, 32, 7, 20)
+        c.max_lookahead,
+    ) == (2048, 32, 32, 256, 32, 7, None, 64)
     # the class defaults are the same paper defaults
     for m in METHODS:
         assert make_approx_config(m) == cfg[m]

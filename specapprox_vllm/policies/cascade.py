@@ -1,7 +1,8 @@
 """SpecKV-PC, the cascade (ALGORITHMS.md, "SpecKV-PC"): SpecPC, then SpecKV.
 
-One draft run serves both stages. The draft generates ``n`` tokens (default 20) from the full
-prompt ``P``
+One draft run serves both stages. The draft generates ``n`` tokens from the full prompt ``P``
+(SpecKV's ``n``: the request's ``max_tokens`` capped by ``max_lookahead``; the reference
+configs let the draft write transformers' default of 20, which ``lookahead: 20`` restores)
 while its attention is recorded exactly as for SpecPC with lookahead ``n`` (the prefill's last
 ``pc_window`` queries and the first ``n - 1`` decode steps). Stage 1 keeps
 ``P' = P[specpc_select(...)]`` (``prompt_budget`` tokens, kernel ``pc_kernel``, ``neighbors``);
@@ -18,7 +19,7 @@ from pydantic import Field, model_validator
 
 from .base import MethodConfig, check_budget
 from .registry import register_policy
-from .speckv import SpecKVStage
+from .speckv import SpecKVStage, resolve_lookahead
 from .specpc import SpecPCStage
 
 __all__ = ["SpecKVPCConfig", "SpecKVPCPolicy"]
@@ -38,7 +39,10 @@ class SpecKVPCConfig(MethodConfig):
     kv_budget: int = Field(256, gt=0)
     window: int = Field(32, ge=0)
     kernel: int = Field(7, ge=1)
-    lookahead: int = Field(20, ge=1, description="draft tokens n, shared by both stages")
+    lookahead: int | None = Field(
+        None, ge=1, description="draft tokens n, shared by both stages; null = the "
+        "request's max_tokens, capped by max_lookahead (the reference configs: 20)")
+    max_lookahead: int = Field(64, ge=1, description="cap on n when lookahead is null")
 
     @model_validator(mode="after")
     def _check(self) -> SpecKVPCConfig:
@@ -62,4 +66,6 @@ class SpecKVPCPolicy(SpecPCStage, SpecKVStage):
         return c.prompt_budget, c.pc_window, c.pc_kernel
 
     def draft_tokens(self, max_tokens: int | None) -> int:
-        return self.cfg.lookahead
+        """SpecKV's n (ALGORITHMS.md, "SpecKV-PC"); at least one token, which the SpecPC
+        stage's draft run generates anyway."""
+        return max(1, resolve_lookahead(self.cfg.lookahead, self.cfg.max_lookahead, max_tokens))
