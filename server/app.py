@@ -17,6 +17,7 @@ from typing import Any
 from server.approx_api import ApproxMiddleware, Receive, Scope, Send, send_error
 from server.config import ServerConfig
 from server.engine_client import ApproxEngineClient
+from server.engines import self_draft
 from server.guard import Admission, AdmissionMiddleware, RequestContextMiddleware
 from server.memory_trim import MemoryTrimmer
 from server.metrics import instrument
@@ -84,7 +85,8 @@ async def build_server_app(
     default_cfg = make_approx_config(cfg.approx.default_method, None,
                                      method_defaults.get(cfg.approx.default_method))
     scheduler = build_scheduler(target, draft, draft_timeout_s=cfg.approx.draft_timeout_s,
-                                on_draft_failure=cfg.approx.on_draft_failure)
+                                on_draft_failure=cfg.approx.on_draft_failure,
+                                self_draft=self_draft(cfg))
     scheduler.check_supported(cfg.approx.default_method)
     client = ApproxEngineClient(target, scheduler, default_cfg, draft)
 

@@ -65,9 +65,18 @@ class EngineConfig(_Strict):
 
 
 class DraftConfig(EngineConfig):
-    enabled: bool = Field(True, description="start the draft engine (needed by the methods "
-                          "that use a draft; the server offers only what it can run)")
+    enabled: bool = Field(True, description="serve the methods that use a draft (the server "
+                          "offers only what it can run)")
+    share_target_engine: bool = Field(
+        True, description="when the draft is the target model itself, run it on the target "
+        "engine: one copy of the weights and one KV pool, and SpecKV's lookahead is the "
+        "answer's own first tokens (no second prefill); false starts a second engine anyway")
     kv_cache_memory_gib: float = Field(0.5, gt=0)
+
+    def is_target(self, target: EngineConfig) -> bool:
+        """Whether this draft is the target model itself (same weights, same numerics)."""
+        return (self.num_layers is None and self.model == target.model
+                and self.dtype == target.dtype and self.load_format == target.load_format)
 
 
 class ServerSection(_Strict):

@@ -16,7 +16,8 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
-from specapprox_vllm.frontend.scheduler import ApproxStats, DraftScheduler
+from specapprox_vllm.frontend.outputs import Answered, Continuation, hold_open, streams
+from specapprox_vllm.frontend.scheduler import ApproxStats, DraftScheduler, Plan
 from specapprox_vllm.policies import ApproxConfig
 
 
@@ -76,6 +77,40 @@ class ApproxEngineClient:
         plan = await self.scheduler.plan(token_ids, sampling_params, cfg, request_id)
         if ctx is not None:
             ctx.stats.append(plan.stats)
+        try:
+            join = None
+            if plan.lookahead is not None:
+                # Self-draft: the answer's first tokens, streamed as they come; then the rest.
+                la = plan.lookahead
+                first, answered = None, Answered(sampling_params)
+                async for out in self.target.generate(prompt, la.sampling_params,
+                                                      la.request_id, **kwargs):
+                    answered.add(out)
+                    if out.finished:
+                        first = out
+                    elif streams(sampling_params):
+                        yield out
+                if first is None:  # the engine ended the stream without a final output
+                    return
+                rest = await la.resume(first, answered.token_ids)
+                if rest is None:  # the answer ended within the lookahead
+                    yield first
+                    return
+                join = Continuation(first, sampling_params)
+                plan = rest
+                if streams(sampling_params):
+                    yield hold_open(first)
+            async for out in self._serve(plan, prompt, token_ids, sampling_params, request_id,
+                                         **kwargs):
+                yield join(out) if join is not None else out
+        finally:
+            if plan.release is not None:
+                await plan.release()
+
+    async def _serve(self, plan: Plan, prompt: dict[str, Any], token_ids: list[int],
+                     sampling_params: Any, request_id: str, **kwargs: Any
+                     ) -> AsyncGenerator[Any, None]:
+        """The target request of ``plan``, its outputs showing the user's own prompt."""
         target_prompt = prompt
         if plan.prompt_token_ids != token_ids or plan.cache_salt is not None:
             target_prompt = {k: v for k, v in prompt.items()
@@ -84,19 +119,14 @@ class ApproxEngineClient:
             if plan.cache_salt is not None:
                 target_prompt["cache_salt"] = plan.cache_salt
         params = plan.sampling_params if plan.sampling_params is not None else sampling_params
-        try:
-            async for out in self.target.generate(target_prompt, params, request_id,
-                                                  **kwargs):
-                if out.finished and plan.on_output is not None:
-                    plan.on_output(out)
-                if target_prompt is not prompt:
-                    out.prompt_token_ids = list(token_ids)  # a copy per output
-                    if prompt.get("prompt") is not None:
-                        out.prompt = prompt["prompt"]
-                yield out
-        finally:
-            if plan.release is not None:
-                await plan.release()
+        async for out in self.target.generate(target_prompt, params, request_id, **kwargs):
+            if out.finished and plan.on_output is not None:
+                plan.on_output(out)
+            if target_prompt is not prompt:
+                out.prompt_token_ids = list(token_ids)  # a copy per output
+                if prompt.get("prompt") is not None:
+                    out.prompt = prompt["prompt"]
+            yield out
 
     def shutdown(self, timeout: float | None = None) -> None:
         for engine in self.engines:

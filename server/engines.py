@@ -77,8 +77,16 @@ def draft_engine_args(cfg: ServerConfig) -> Any:
     return AsyncEngineArgs.from_cli_args(args)
 
 
+def self_draft(cfg: ServerConfig) -> bool:
+    """The target is its own draft, on its own engine (ALGORITHMS.md, "Self-draft")."""
+    d = cfg.draft
+    return d.enabled and d.share_target_engine and d.is_target(cfg.target)
+
+
 def needs_draft(cfg: ServerConfig) -> bool:
-    return cfg.draft.enabled
+    """A separate draft engine is started only when a method needs a draft that the target
+    engine cannot be."""
+    return cfg.draft.enabled and not self_draft(cfg)
 
 
 def start_engine(engine_args: Any, name: str) -> Any:

@@ -74,6 +74,9 @@ async def collect_state(client: Any, admission: Any, probe: bool = False,
         parts = await TargetKVRunner(client.target).store_info()
         out["compacted_kv"] = {"entries": sum(p["entries"] for p in parts),
                                "bytes": sum(p["bytes"] for p in parts)}
-    if client.draft is not None and not client.draft.errored:
-        out["draft_captures"] = sum(await client.draft.collective_rpc(RPC.PROMPT_SCORE_COUNT))
+    # Prompt scores live in whichever engine drafts: the draft engine, or the target itself.
+    alive = [e for e in engines.values() if not e.errored]
+    if alive:
+        out["draft_captures"] = sum([n for e in alive
+                                     for n in await e.collective_rpc(RPC.PROMPT_SCORE_COUNT)])
     return out

@@ -75,9 +75,13 @@ def probe_seconds(srv: ServerProcess) -> float:
 
 @pytest.fixture(scope="module")
 def rsrv():
+    """A two-engine server (the draft on an engine of its own, as with a draft model other
+    than the target), so that the draft stage's faults can be tested; the one-model default
+    server's own tests use ``server``."""
     require_model()
     srv = ServerProcess("--server.max_active_requests", "2", "--server.max_queued_requests",
-                        "2", "--server.request_timeout_s", str(TIMEOUT_S)).start()
+                        "2", "--server.request_timeout_s", str(TIMEOUT_S),
+                        "--draft.share_target_engine", "false").start()
     yield srv
     srv.stop()
 
@@ -213,6 +217,33 @@ def test_client_gone_during_the_draft_stage_aborts_the_draft(
                    timeout=httpx.Timeout(120, read=0.5))
     t_close = time.monotonic()
     released = seconds_until_idle(rsrv, t_close)
+    assert released - probe < 1.0, (released, probe)
+
+
+def test_one_model_server_has_one_engine(server: ServerProcess) -> None:
+    """The default server drafts with the target itself: one engine, one KV pool."""
+    st = state(server)
+    assert set(st["engines"]) == {"target"} and is_idle(st)
+
+
+def test_disconnect_during_the_lookahead_releases_everything(server: ServerProcess) -> None:
+    """Self-draft: the first tokens of a SpecKV answer come from the lookahead phase (64
+    tokens here); a client leaving then leaves no stored KV, capture or block behind."""
+    probe = probe_seconds(server)
+    body = long_chat("speckv", stream=True, stream_options={"include_usage": True})
+    body["approx"]["lookahead"] = 64
+    chunks = 0
+    with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body,
+                      timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"content"' in line:
+                chunks += 1
+                if chunks == 3:
+                    break
+    t_close = time.monotonic()
+    assert chunks == 3
+    released = seconds_until_idle(server, t_close)
     assert released - probe < 1.0, (released, probe)
 
 

@@ -28,22 +28,33 @@ def test_nothing_evicted_equals_the_plain_target(client: openai.OpenAI, needle) 
 
 
 def test_needle_at_kv_budget_256(client: openai.OpenAI, needle) -> None:
-    resp = chat(client, needle.messages, {"method": "speckv", "kv_budget": 256})
+    """The default server is its own draft: the first n + 1 tokens are the target's own
+    (the lookahead phase, ``lookahead_source: self``), the rest decode from C entries."""
+    resp = chat(client, needle.messages, {"method": "speckv", "kv_budget": 256,
+                                          "lookahead": 8})
     assert needle.answer in resp.choices[0].message.content
     a = resp.usage.model_extra["approx"]
     assert a["method"] == "speckv" and a["applied"] is True
     assert a["kv_entries_kept"] == 256 and a["prompt_tokens_in"] == resp.usage.prompt_tokens
-    assert a["draft_tokens"] == 24 and a["draft_ms"] > 0  # lookahead = max_tokens
+    assert a["draft_tokens"] == 8 and a["lookahead_source"] == "self"
     assert a["score_ms"] > 0 and a["select_ms"] > 0 and a["kv_loads"] == 1
     bs = 128  # vLLM's CPU default block size (configs/default.yaml leaves it unset)
     assert a["kv_blocks_before"] == -(-a["prompt_tokens_in"] // bs)
-    assert a["kv_blocks_after"] == -(-(256 + 1) // bs)
+    # the decode request: C entries, P[L-1] and the 9 tokens already answered
+    assert a["kv_blocks_after"] == -(-(256 + 1 + 9) // bs)
     assert a["kv_bytes_saved"] == (a["kv_blocks_before"] - a["kv_blocks_after"]) * bs * (
         2 * 30 * 3 * 64 * 4)  # K and V, 30 layers, 3 KV heads, head dim 64, fp32
 
     snap = chat(client, needle.messages, {"method": "snapkv", "kv_budget": 256})
     s = snap.usage.model_extra["approx"]
     assert s["applied"] is True and s["kv_entries_kept"] == 256 and s["draft_tokens"] == 0
+
+    # lookahead = max_tokens (the default): the lookahead is the whole answer, exact.
+    full = chat(client, needle.messages, {"method": "none"})
+    whole = chat(client, needle.messages, {"method": "speckv", "kv_budget": 256})
+    w = whole.usage.model_extra["approx"]
+    assert not w["applied"] and w["reason"] == "answer_within_lookahead"
+    assert whole.choices[0].message.content == full.choices[0].message.content
 
 
 def test_streamed_speckv_matches_and_reports_usage(client: openai.OpenAI, needle) -> None:
@@ -64,7 +75,7 @@ def test_cascade_and_completions_endpoint(client: openai.OpenAI, needle) -> None
                                           "kv_budget": 256})
     a = resp.usage.model_extra["approx"]
     assert a["applied"] and a["prompt_tokens_kept"] <= 1024 and a["kv_entries_kept"] == 256
-    assert a["draft_tokens"] == 20  # the cascade's default lookahead
+    assert a["draft_tokens"] == 24  # SpecKV's n: max_tokens, capped at 64
     comp = client.completions.create(model=MODEL, prompt="word " * 600, max_tokens=4,
                                      temperature=0,
                                      extra_body={"vllm_xargs": {"approx_method": "snapkv",

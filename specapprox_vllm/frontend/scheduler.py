@@ -47,6 +47,9 @@ class ApproxStats:
     select_ms: float = 0.0
     reason: str | None = None
     fallback: str | None = None  # "draft_error" / "draft_timeout": served with full attention
+    # where the lookahead D came from: "self" (the answer's own first tokens, streamed),
+    # "target" (a greedy run on the target engine), "draft" (the draft engine)
+    lookahead_source: str | None = None
     # KV-compressing methods only (omitted otherwise):
     score_ms: float | None = None  # the target's scoring request (prefill of P + D), wall
     kv_blocks_before: int | None = None  # KV blocks the served prompt would hold uncompressed
@@ -60,12 +63,27 @@ class ApproxStats:
 
 
 @dataclass
+class Lookahead:
+    """The first phase of a self-drafted request: the user's prompt, served by the target
+    with ``sampling_params`` (the user's, with ``max_tokens = n + 1`` and the KV-compaction
+    flag); its tokens go to the client as they come (they are the exact answer).
+    ``resume(final_output, token_ids)`` then gives the plan of the rest (the decode request
+    on the compacted KV), or None when the answer ended within the lookahead."""
+
+    sampling_params: Any
+    request_id: str
+    resume: Callable[[Any, list[int]], Awaitable[Plan | None]]
+
+
+@dataclass
 class Plan:
     """What the target engine is asked to serve for one request.
 
     ``sampling_params`` / ``cache_salt`` replace the user's when set (SpecKV's decode
     request); ``on_output`` sees the final engine output (engine-side KV accounting), and
-    ``release`` is awaited once the target request has ended, however it ended.
+    ``release`` is awaited once the target request has ended, however it ended. With a
+    ``lookahead``, the target first serves that phase, and ``prompt_token_ids`` is the
+    user's prompt.
     """
 
     prompt_token_ids: list[int]
@@ -75,6 +93,7 @@ class Plan:
     cache_salt: str | None = None
     on_output: Callable[[Any], None] | None = None
     release: Callable[[], Awaitable[None]] | None = None
+    lookahead: Lookahead | None = None
 
 
 class DraftScheduler:

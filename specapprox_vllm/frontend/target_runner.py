@@ -45,6 +45,7 @@ class KVHandle:
     wall_ms: float  # the scoring request, end to end (includes queueing behind others)
     retried_without_prefix_cache: bool = False
     cached_tokens: int = 0  # prompt tokens the scoring request read from the prefix cache
+    recomputed: bool = False  # the scoring request was preempted and recomputed
     indices: dict[str, list[list[int]]] | None = None  # layer -> [H_kv][C] (tests only)
 
 
@@ -58,17 +59,21 @@ class TargetKVRunner:
         return self.geometry.num_layers
 
     def scoring_params(self, policy: Policy, prompt_len: int, n_draft: int,
-                       want_indices: bool = False, skip_cache: bool = False
-                       ) -> tuple[str, Any]:
-        """A fresh key and the sampling parameters of a one-token greedy request flagged for
-        KV compaction."""
+                       base: Any | None = None, want_indices: bool = False,
+                       skip_cache: bool = False) -> tuple[str, Any]:
+        """A fresh key and the sampling parameters that flag a request for KV compaction:
+        ``base`` (the user's, for a self-drafted lookahead) or a one-token greedy request."""
         from vllm import SamplingParams
 
         key = uuid.uuid4().hex
         extra = {KV_COMPACTION_KEY: ScoringSpec.for_policy(
             key, policy, prompt_len, n_draft, want_indices).to_extra()}
-        return key, SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
-                                   extra_args=extra, skip_reading_prefix_cache=skip_cache)
+        if base is None:
+            return key, SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
+                                       extra_args=extra, skip_reading_prefix_cache=skip_cache)
+        params = base.clone()
+        params.extra_args = {**(params.extra_args or {}), **extra}
+        return key, params
 
     async def collect(self, key: str, prompt_len: int, policy: Policy, n_draft: int,
                       t0: float, want_indices: bool = False, retried: bool = False,
@@ -100,7 +105,7 @@ class TargetKVRunner:
                     indices.setdefault(name, []).extend(rows)
         return KVHandle(key, prompt_len, policy.kv_entries(), n_draft,
                         max(p["ms"] for p in parts), 1e3 * (time.perf_counter() - t0),
-                        retried, cached, indices)
+                        retried, cached, any(p["recomputed"] for p in parts), indices)
 
     async def compact(self, prompt_ids: list[int], draft_tokens: list[int], policy: Policy,
                       request_id: str, want_indices: bool = False) -> KVHandle:
@@ -125,14 +130,22 @@ class TargetKVRunner:
         raise KVCompactError("KV scoring incomplete even without prefix caching")
 
     @staticmethod
-    def decode_request(handle: KVHandle, prompt_ids: list[int], sampling_params: Any
-                       ) -> tuple[list[int], Any, str]:
-        """Prompt ids, sampling parameters and cache salt of the decode request."""
+    def decode_request(handle: KVHandle, prompt_ids: list[int], sampling_params: Any,
+                       continuation: list[int] = ()) -> tuple[list[int], Any, str]:
+        """Prompt ids, sampling parameters and cache salt of the decode request.
+
+        ``continuation``: output tokens already sent to the client (a self-drafted
+        lookahead); they follow ``P[L-1]`` in the decode request's prompt, computed over the
+        compacted KV, and count against ``max_tokens`` / ``min_tokens``."""
         c, length = handle.budget, len(prompt_ids)
-        ids = [*prompt_ids[length - 1 - c: length - 1], prompt_ids[-1]]
+        ids = [*prompt_ids[length - 1 - c: length - 1], prompt_ids[-1], *continuation]
         params = sampling_params.clone()
         params.extra_args = {**(params.extra_args or {}),
                              "kv_transfer_params": {LOAD_KEY: handle.key, "C": c}}
+        if continuation:
+            done = len(continuation)
+            params.max_tokens = params.max_tokens - done
+            params.min_tokens = max(0, params.min_tokens - done)
         return ids, params, f"specapprox-{handle.key}"
 
     async def drop(self, key: str) -> None:

@@ -2,19 +2,20 @@
 StreamingLLM, the cascade's second stage, and any registered KV policy).
 
 A *scoring request* on the target engine is ``P + D`` (``D``: the draft's ``n`` tokens, empty
-for draft-free methods) flagged with ``extra_args[KV_COMPACTION_KEY]``. While vLLM prefills it
-(chunked, batched with anything else), :func:`compact_layer` runs after each layer's real
-attention:
+for draft-free methods) flagged with ``extra_args[KV_COMPACTION_KEY]``; with self-draft it is
+``P`` alone, and ``D`` are the target's own first tokens, fed back one decode step at a time.
+Either way vLLM computes the sequence like any request (chunked, batched, maybe preempted and
+recomputed), and :func:`compact_layer` runs after each layer's real attention:
 
-* the rows of ``policy.kv_rows(L, n)`` that this step computed score the keys
-  (``policy.score_kv_chunk``), and the scores fold into a running per-layer score
-  (``policy.fold``); for SpecKV (max over grouped heads and window queries) chunked prefill
-  then needs nothing special (ALGORITHMS.md "SpecKV" step 3);
-* in the step that computes the last token, each layer selects its ``C`` entries per KV head
-  (``policy.select_kv``), gathers their K/V from the paged cache, re-rotates the keys by
-  ``delta = L - 1 - C`` so that decoding can run at vLLM's natural positions ``C, C + 1, ...``
-  with every relative distance unchanged, and keeps ``[C, H_kv, D]`` K and V per layer in
-  :data:`STORE` under the request's key.
+* the query rows of ``policy.kv_rows(L, n)`` that a step computes are kept, by position (a
+  recomputed row replaces itself), until the step that computes the last token of ``P + D``;
+* in that step each layer reads the keys once, scores all its rows in one call
+  (``policy.score_kv_chunk``, folded with ``policy.fold``: the one-shot computation of
+  ALGORITHMS.md "SpecKV" step 3, however the rows were spread over prefill chunks and decode
+  steps), selects its ``C`` entries per KV head (``policy.select_kv``), gathers their K/V
+  from the paged cache, re-rotates the keys by ``delta = L - 1 - C`` so that decoding can run
+  at vLLM's natural positions ``C, C + 1, ...`` with every relative distance unchanged, and
+  keeps ``[C, H_kv, D]`` K and V per layer in :data:`STORE` under the request's key.
 
 The decode request then gets those rows injected by :mod:`.kv_connector`. Each tensor-parallel
 rank sees (and stores) only its own KV heads.
@@ -42,12 +43,13 @@ class KVEntry:
     """One request's compaction state, then its compacted K/V, in this worker."""
 
     spec: ScoringSpec
-    scores: dict[str, Tensor] = field(default_factory=dict)  # layer -> folded score
-    rows: dict[str, set[int]] = field(default_factory=dict)  # layer -> scoring rows folded
+    queries: dict[str, dict[int, Tensor]] = field(default_factory=dict)  # layer -> pos -> q
     kv: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # layer -> K, V
     indices: dict[str, Tensor] = field(default_factory=dict)  # layer -> [H_kv, C]
     error: str | None = None
     ms: float = 0.0
+    seen: dict[str, int] = field(default_factory=dict)  # layer -> longest sequence computed
+    recomputed: bool = False  # computed again from an earlier position (preempted)
 
 
 STORE: RequestStore[KVEntry] = RequestStore(MAX_STORED, KVEntry)
@@ -66,38 +68,41 @@ def compact_layer(impl: Any, layer: Any, query: Tensor, kv_cache: Tensor, attn_m
         t0 = time.perf_counter()
         try:
             spec = entry.spec
-            policy = spec.policy
-            rows_here = view.overlap(policy.kv_rows(spec.prompt_len, spec.n_draft))
-            keys = None
-            if rows_here:
-                keys = vllm_compat.paged_keys(layer, kv_cache, view.block_table,
-                                              torch.arange(view.seq_len))
-                part = policy.score_kv_chunk(view.queries(query, rows_here), keys,
-                                             spec.prompt_len, vllm_compat.attention_scale(impl))
-                entry.scores[name] = policy.fold(entry.scores.get(name), part)
-                entry.rows.setdefault(name, set()).update(rows_here)
+            entry.recomputed |= view.computed_before < entry.seen.get(name, 0)
+            entry.seen[name] = max(entry.seen.get(name, 0), view.seq_len)
+            rows_here = view.overlap(spec.policy.kv_rows(spec.prompt_len, spec.n_draft))
+            if rows_here:  # vLLM reuses its query buffer: keep a copy
+                q = view.queries(query, rows_here).clone()
+                entry.queries.setdefault(name, {}).update(zip(rows_here, q, strict=True))
             if view.seq_len == spec.seq_len:
-                _finish_layer(entry, name, layer, kv_cache, view.block_table, keys, runner)
+                _finish_layer(entry, name, layer, kv_cache, view.block_table,
+                              vllm_compat.attention_scale(impl), runner)
         except Exception as exc:  # reported to the API process, which fails the request
             entry.error = f"{type(exc).__name__}: {exc}"
         entry.ms += 1e3 * (time.perf_counter() - t0)
 
 
 def _finish_layer(entry: KVEntry, name: str, layer: Any, kv_cache: Tensor, table: Tensor,
-                  keys: Tensor | None, runner: Any) -> None:
+                  scale: float, runner: Any) -> None:
     spec, policy = entry.spec, entry.spec.policy
     length = spec.prompt_len
     scoring = policy.kv_rows(length, spec.n_draft)
-    if len(scoring) and entry.rows.pop(name, set()) != set(scoring):
-        # Scoring rows served from the prefix cache were never computed: the caller re-runs
-        # the scoring request without reading the prefix cache.
-        entry.error = INCOMPLETE
-        return
+    rows = entry.queries.pop(name, {})
+    scores = None
+    if len(scoring):
+        if set(rows) != set(scoring):
+            # Scoring rows served from the prefix cache were never computed: the caller
+            # re-runs the scoring request without reading the prefix cache.
+            entry.error = INCOMPLETE
+            return
+        keys = vllm_compat.paged_keys(layer, kv_cache, table, torch.arange(scoring.stop))
+        q = torch.stack([rows[p] for p in scoring])
+        scores = policy.fold(None, policy.score_kv_chunk(q, keys, length, scale))
+        keys = keys[: length - 1]
+    else:
+        keys = vllm_compat.paged_keys(layer, kv_cache, table, torch.arange(length - 1))
     positions = torch.arange(length - 1)
-    if keys is None:
-        keys = vllm_compat.paged_keys(layer, kv_cache, table, positions)
-    keys = keys[: length - 1]
-    idx = policy.select_kv(entry.scores.pop(name, None), keys, length)
+    idx = policy.select_kv(scores, keys, length)
     if idx is None:
         raise ValueError(f"prompt of {length} tokens is within kv_budget {policy.kv_entries()}")
     h_kv, c = idx.shape
@@ -128,7 +133,8 @@ def results(keys: list[str], with_indices: bool = False) -> dict[str, dict[str, 
         entry = STORE.get(key)
         if entry is None:
             continue
-        res: dict[str, Any] = {"layers": len(entry.kv), "error": entry.error, "ms": entry.ms}
+        res: dict[str, Any] = {"layers": len(entry.kv), "error": entry.error, "ms": entry.ms,
+                               "recomputed": entry.recomputed}
         if with_indices:
             res["indices"] = {n: t.tolist() for n, t in entry.indices.items()}
         out[key] = res

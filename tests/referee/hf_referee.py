@@ -259,11 +259,13 @@ class Referee:
         policy: Policy,
         max_new_tokens: int,
         scores_out: list[Tensor] | None = None,
+        continuation: Sequence[int] = (),
     ) -> tuple[list[int], Tensor]:
         """Prefill ``P + D``, keep ``policy.select_kv_once`` per layer, decode from
         ``P[L-1]``. The scoring queries are the policy's ``kv_rows``: the last ones.
         ``scores_out`` (a list) receives each layer's ``score_kv_chunk`` (tests that judge
-        near-ties at the cut)."""
+        near-ties at the cut). ``continuation``: tokens already answered (self-draft); they
+        are fed after ``P[L-1]`` and the returned tokens are the ones after them."""
         length, n = len(prompt_ids), len(draft)
         rows = policy.kv_rows(length, n)
         assert not rows or rows.stop == length + n, "the referee records the last queries"
@@ -287,8 +289,36 @@ class Referee:
             data.append((k.gather(2, gather), v.gather(2, gather)))
             kept.append(idx)
         compact = DynamicCache(ddp_cache_data=data)
-        tokens = self._decode(self.target, prompt_ids[-1], length - 1, compact, max_new_tokens)
-        return tokens, torch.stack(kept)
+        if not continuation:
+            tokens = self._decode(self.target, prompt_ids[-1], length - 1, compact,
+                                  max_new_tokens)
+            return tokens, torch.stack(kept)
+        logits = self._forward(self.target, [prompt_ids[-1], *continuation], compact,
+                               length - 1)
+        tok = int(torch.argmax(logits))
+        tokens = [tok]
+        if tok not in self.eos and max_new_tokens > 1:
+            tokens += self._decode(self.target, tok, length + len(continuation), compact,
+                                   max_new_tokens - 1)
+        return tokens[:max_new_tokens], torch.stack(kept)
+
+    def self_draft_generate(
+        self, prompt_ids: Sequence[int], policy: Policy, max_new_tokens: int,
+        scores_out: list[Tensor] | None = None,
+    ) -> tuple[list[int], Tensor | None]:
+        """ALGORITHMS.md, "Self-draft": the target's own first ``n + 1`` greedy tokens (full
+        attention; ``D`` = the first ``n``), then KV selection with that ``D`` and greedy
+        decoding after them from the compacted cache. Returns all tokens and the kept sets
+        (None when the answer ended within the lookahead)."""
+        n = policy.draft_tokens(max_new_tokens)
+        if max_new_tokens <= n + 1:
+            return self.full_generate(prompt_ids, max_new_tokens), None
+        head = self.full_generate(prompt_ids, n + 1)
+        if len(head) < n + 1 or head[-1] in self.eos:
+            return head, None
+        tail, kept = self._speckv_decode(prompt_ids, head[:n], policy,
+                                         max_new_tokens - n - 1, scores_out, continuation=head)
+        return head + tail, kept
 
     # ------------------------------------------------------------------ public entry
 
