@@ -49,9 +49,10 @@ def test_needle_at_kv_budget_256(client: openai.OpenAI, needle) -> None:
     s = snap.usage.model_extra["approx"]
     assert s["applied"] is True and s["kv_entries_kept"] == 256 and s["draft_tokens"] == 0
 
-    # lookahead = max_tokens (the default): the lookahead is the whole answer, exact.
+    # A lookahead as long as the answer: the whole answer is the lookahead, exact.
     full = chat(client, needle.messages, {"method": "none"})
-    whole = chat(client, needle.messages, {"method": "speckv", "kv_budget": 256})
+    whole = chat(client, needle.messages, {"method": "speckv", "kv_budget": 256,
+                                           "lookahead": 24})
     w = whole.usage.model_extra["approx"]
     assert not w["applied"] and w["reason"] == "answer_within_lookahead"
     assert whole.choices[0].message.content == full.choices[0].message.content
@@ -75,7 +76,7 @@ def test_cascade_and_completions_endpoint(client: openai.OpenAI, needle) -> None
                                           "kv_budget": 256})
     a = resp.usage.model_extra["approx"]
     assert a["applied"] and a["prompt_tokens_kept"] <= 1024 and a["kv_entries_kept"] == 256
-    assert a["draft_tokens"] == 24  # SpecKV's n: max_tokens, capped at 64
+    assert a["draft_tokens"] == 16  # SpecKV's n: max_tokens (24), capped at 16
     comp = client.completions.create(model=MODEL, prompt="word " * 600, max_tokens=4,
                                      temperature=0,
                                      extra_body={"vllm_xargs": {"approx_method": "snapkv",
