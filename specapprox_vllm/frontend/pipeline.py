@@ -88,6 +88,8 @@ class MethodPipeline:
                 idx = policy.select_prompt(d.score)
                 if idx is not None:
                     served = [prompt_ids[i] for i in idx.tolist()]
+                    if self.want_indices:
+                        extra["prompt_indices"] = idx.tolist()
                 stats.select_ms = round(1e3 * (time.perf_counter() - t0), 3)
                 extra["draft_retried"] = d.retried_without_prefix_cache
             elif n > 0:
@@ -107,7 +109,9 @@ class MethodPipeline:
         assert self.target is not None
         handle = await self.target.compact(served, draft_tokens, policy, request_id,
                                            self.want_indices)
-        return self._decode_plan(handle, served, sampling_params, stats)
+        plan = self._decode_plan(handle, served, sampling_params, stats)
+        plan.extra.update(extra, draft_tokens=draft_tokens)
+        return plan
 
     def _self_draft(self, policy: Policy, prompt_ids: list[int], sampling_params: Any,
                     request_id: str, stats: ApproxStats) -> Plan:

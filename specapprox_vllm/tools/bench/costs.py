@@ -111,7 +111,26 @@ async def run_cell(base_url: str, model: str, approx: dict[str, Any], ps: list[P
     out["fallbacks"] = sum(1 for a in approxes if a.get("fallback"))
     out["lookahead_source"] = sorted({str(a.get("lookahead_source")) for a in approxes})
     out["requests"] = [r.to_json() for r in records]
+    out["steady_decode_tok_s"] = steady_decode(out["requests"])
     return out
+
+
+def steady_decode(requests: list[dict[str, Any]]) -> float | None:
+    """Output tokens per second once every request has its first token: the decode rate
+    with all requests resident and no prefill in the way (token times from the streamed
+    chunks: first token at ``start + ttft``, then the inter-token gaps)."""
+    ok = [r for r in requests if r.get("success") and r.get("ttft") is not None]
+    if not ok:
+        return None
+    t0 = max(r["start"] + r["ttft"] for r in ok)
+    t1 = max(r["start"] + r["last_token"] for r in ok)
+    n = 0
+    for r in ok:
+        t = r["start"] + r["ttft"]
+        for gap in r.get("itl") or []:
+            t += gap
+            n += t > t0
+    return round(n / (t1 - t0), 3) if t1 > t0 else None
 
 
 def fit(xs: list[float], ys: list[float]) -> dict[str, float] | None:
@@ -160,7 +179,7 @@ def ratios(cells: list[dict[str, Any]], ref: str) -> None:
         if b is None:
             continue
         for key in ("output_tok_s", "decode_tok_s", "ttft_p50_s", "per_request_decode_tok_s_"
-                    "median"):
+                    "median", "steady_decode_tok_s"):
             if c.get(key) and b.get(key):
                 c[f"{key}_vs_{ref}"] = round(c[key] / b[key], 3)
 
@@ -180,14 +199,16 @@ def fits(cells: list[dict[str, Any]]) -> dict[str, Any]:
 def table(res: dict[str, Any]) -> str:
     ref = res["methods"][0]
     lines = [f"| method | prompt | out | conc | output tok/s | vs {ref} | TTFT p50 s | vs {ref}"
-             " | decode tok/s | vs " + ref + " | compressed | fallbacks | peak running |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f" | decode tok/s | vs {ref} | steady decode tok/s | vs {ref} | compressed | "
+             "fallbacks | peak running |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in res["cells"]:
         lines.append(
             f"| {c['method']} | {c['prompt_tokens_median']} | {c['max_tokens']} | "
             f"{c['concurrency']} | {c['output_tok_s']} | {c.get(f'output_tok_s_vs_{ref}', '')}"
             f" | {c['ttft_p50_s']} | {c.get(f'ttft_p50_s_vs_{ref}', '')} | {c['decode_tok_s']}"
-            f" | {c.get(f'decode_tok_s_vs_{ref}', '')} | {c['approx_applied']}/"
+            f" | {c.get(f'decode_tok_s_vs_{ref}', '')} | {c.get('steady_decode_tok_s')} | "
+            f"{c.get(f'steady_decode_tok_s_vs_{ref}', '')} | {c['approx_applied']}/"
             f"{c['requests_ok']} | {c['fallbacks']} | {c['peak_running']} |")
     return "\n".join(lines)
 
@@ -241,7 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cascade-prompt-budget", type=int, default=1024)
     p.add_argument("--seed0", type=int, default=7000)
     p.add_argument("--out", type=Path, default=REPO / "docs/results/costs.json")
+    p.add_argument("--recompute", action="store_true",
+                   help="derived figures, table and plot again from --out (no server)")
     args = p.parse_args(argv)
+    if args.recompute:
+        res = json.loads(args.out.read_text())
+        for c in res["cells"]:
+            c["steady_decode_tok_s"] = steady_decode(c["requests"])
+        return report(res, args.out)
     for m in args.methods:
         approx_body(m, args)  # an unknown name fails here, not after a server start
     server = Server(["--config", args.config, *args.server_arg], base_url=args.base_url)
@@ -258,14 +286,19 @@ def main(argv: list[str] | None = None) -> int:
         commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                               capture_output=True, text=True).stdout.strip(),
         machine=machine_info(), minutes=round((time.time() - t0) / 60, 1))
-    ratios(res["cells"], args.methods[0])
-    if args.mode == "lengths":
+    return report(res, args.out)
+
+
+def report(res: dict[str, Any], out: Path) -> int:
+    """Ratios, fits, JSON, markdown table and PNG of a finished run."""
+    ratios(res["cells"], res["methods"][0])
+    if res["mode"] == "lengths":
         res["fits"] = fits(res["cells"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1))
-    plot(res, args.out.with_suffix(".png"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    plot(res, out.with_suffix(".png"))
     md = table(res)
-    args.out.with_suffix(".md").write_text(md + "\n")
+    out.with_suffix(".md").write_text(md + "\n")
     print(md)
     if res.get("fits"):
         print(json.dumps(res["fits"], indent=1))
