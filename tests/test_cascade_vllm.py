@@ -70,7 +70,7 @@ async def test_served_cascade_equals_the_referee(referee, tokenizer) -> None:
             n = policy.draft_tokens(MAX_NEW)
             ref_draft, ref_score = referee.run_draft(ids, n, cfg.pc_window, cfg.start_layer,
                                                      cfg.weighted_query)
-            assert extra["draft_tokens"] == ref_draft and len(ref_draft) == n
+            assert extra["draft_tokens"] == ref_draft and 0 < len(ref_draft) <= n  # EOS stops
             ref_idx = policy.select_prompt(ref_score)
             assert extra["prompt_indices"] == ref_idx.tolist()
             served = [ids[j] for j in ref_idx.tolist()]
