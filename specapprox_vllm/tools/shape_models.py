@@ -21,8 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "generation_config.json")
+SKIP = ("config.json", "model.safetensors.index.json")
 SHAPES: dict[str, dict[str, Any]] = {
     "large-target": {"hidden_size": 1536, "num_hidden_layers": 28, "intermediate_size": 5120,
                      "num_attention_heads": 12, "num_key_value_heads": 4, "head_dim": 128,
@@ -40,15 +39,17 @@ def shape_folder(base: Path, shape: str, out: Path | None = None) -> Path:
     config = json.loads((base / "config.json").read_text())
     config.update(SHAPES[shape])
     config.pop("rope_scaling", None)
-    stamp = {"base": base.name, "shape": shape, "config": config}
+    stamp = {"base": base.name, "shape": shape, "config": config,
+             "files": sorted(f.name for f in base.iterdir() if f.name not in SKIP)}
     marker = out / MARKER
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
         return out
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    for name in TOKENIZER_FILES:
-        if (base / name).is_file():
-            shutil.copyfile(base / name, out / name)
+    for f in base.iterdir():  # tokenizer, chat template, generation config: not the weights
+        if f.is_file() and f.name not in SKIP and f.suffix != ".safetensors" \
+                and not f.name.startswith("specapprox_"):
+            shutil.copyfile(f, out / f.name)
     marker.write_text(json.dumps(stamp))
     return out
 
