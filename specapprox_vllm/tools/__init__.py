@@ -2,7 +2,7 @@
 
 * ``loadtest``: the load tester (``specapprox-loadtest``) and the soak (``specapprox-soak``);
 * ``eval``: prompt generators and scoring, the accuracy sweep, the SpecPC draft-depth eval;
-* ``bench``: benchmarks of the methods (throughput, prefill, scaling, selection cost) and a
+* ``bench``: benchmarks of the methods (throughput, prefill, cost curves, selection cost) and a
   runner of ``vllm bench serve``;
 * ``prepare_model`` (``specapprox-prepare-model``) and ``truncate``: model preparation, and a
   draft made of the target's first k layers.

@@ -6,7 +6,8 @@ cache can share them):
 
 * ``--mode lengths``: one request at a time for each prompt length; TTFT and decode tok/s
   (output tokens after the first / time after the first) per method, medians over
-  ``--runs``, and a least-squares fit ``log cost = a + b log L`` (``b``: the exponent).
+  ``--runs``, and a least-squares fit ``log cost = a + b log L`` (``b``: the exponent) of
+  each, and of the parts ``usage.approx`` splits out (draft, target scoring, selection).
 * ``--mode output``: ``--concurrency`` concurrent prompts of ``--prompt-tokens`` for each
   output length; output tok/s (all output tokens / wall time), TTFT median, decode-phase tok/s
   (output tokens after each first token / from the first first token to the last token), how
@@ -47,15 +48,7 @@ import httpx
 import yaml
 from transformers import AutoTokenizer
 
-from specapprox_vllm.policies import (
-    NonePolicy,
-    SnapKVPolicy,
-    SpecKVPCPolicy,
-    SpecKVPolicy,
-    SpecPCPolicy,
-    StreamingLLMPolicy,
-    get_policy,
-)
+from specapprox_vllm.policies import get_policy, method_names
 from specapprox_vllm.tools.bench.prefill import tagged_messages
 from specapprox_vllm.tools.bench.run_stats import poll_metrics, summarize
 from specapprox_vllm.tools.eval.needle import make_needle_case
@@ -63,9 +56,7 @@ from specapprox_vllm.tools.eval.specpc_common import MODEL_DIR, REPO, Server, ma
 from specapprox_vllm.tools.loadtest.client import RunConfig, run_setting
 from specapprox_vllm.tools.loadtest.prompts import Prompt
 
-ALL = (NonePolicy, StreamingLLMPolicy, SnapKVPolicy, SpecKVPolicy, SpecPCPolicy,
-       SpecKVPCPolicy)
-DEFAULT_METHODS = ",".join(p.name for p in ALL)
+DEFAULT_METHODS = ",".join(method_names())  # every registered method; "none" is the first
 
 
 def approx_body(setting: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -184,16 +175,37 @@ def ratios(cells: list[dict[str, Any]], ref: str) -> None:
                 c[f"{key}_vs_{ref}"] = round(c[key] / b[key], 3)
 
 
+FITTED = (("ttft", "TTFT s"), ("decode_s_per_token", "decode s/token"),
+          ("draft_ms", "draft ms"), ("score_ms", "score ms"), ("select_ms", "select ms"))
+
+
 def fits(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per method, the fitted exponent of each cost against the prompt length: TTFT, decode
+    time per token, and the parts ``usage.approx`` reports (draft, target scoring, select)."""
     out = {}
     for m in dict.fromkeys(c["method"] for c in cells):
         mine = [c for c in cells if c["method"] == m]
         xs = [float(c["prompt_tokens_median"] or c["prompt_len"]) for c in mine]
-        out[m] = {"ttft": fit(xs, [c["ttft_p50_s"] for c in mine]),
-                  "decode_s_per_token": fit(xs, [1 / c["per_request_decode_tok_s_median"]
-                                                 if c["per_request_decode_tok_s_median"] else 0
-                                                 for c in mine])}
+        ys = {"ttft": [c["ttft_p50_s"] for c in mine],
+              "decode_s_per_token": [1 / c["per_request_decode_tok_s_median"]
+                                     if c["per_request_decode_tok_s_median"] else 0
+                                     for c in mine]}
+        for key in ("draft_ms", "score_ms", "select_ms"):
+            ys[key] = [c.get(f"{key}_median") or 0 for c in mine]
+        out[m] = {key: fit(xs, ys[key]) for key, _ in FITTED}
     return out
+
+
+def fits_table(res: dict[str, Any]) -> str:
+    """Markdown: each cost's fitted exponent (1 linear, 2 quadratic) and its value per 1k
+    prompt tokens at the longest prompt."""
+    head = "".join(f" {name}: exponent | per 1k |" for _, name in FITTED)
+    lines = [f"| method |{head}", "|" + "---|" * (1 + 2 * len(FITTED))]
+    for m, f in res["fits"].items():
+        figs = "".join(f" {f[k]['exponent']} | {f[k]['per_1k_at_max']} |" if f.get(k)
+                       else " | |" for k, _ in FITTED)
+        lines.append(f"| {m} |{figs}")
+    return "\n".join(lines)
 
 
 COLUMNS = (("output tok/s", "output_tok_s"), ("TTFT p50 s", "ttft_p50_s"),
@@ -223,8 +235,10 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
     x_key = {"lengths": "prompt_tokens_median", "output": "max_tokens",
              "resident": "prompt_tokens_median"}[res["mode"]]
+    last = (("per_request_decode_tok_s_median", "decode tok/s per request")
+            if res["mode"] == "lengths" else ("peak_running", "peak running"))
     panels = (("ttft_p50_s", "TTFT p50 (s)"), ("output_tok_s", "output tok/s"),
-              ("decode_tok_s", "decode-phase tok/s"), ("peak_running", "peak running"))
+              ("decode_tok_s", "decode-phase tok/s"), last)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, (key, title) in zip(axes, panels, strict=True):
         for m in res["methods"]:
@@ -250,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra specapprox-serve flag, e.g. --server-arg=--target.max_model_len"
                         " --server-arg=32768 (repeatable)")
     p.add_argument("--base-url", help="measure a running server instead of starting one")
-    p.add_argument("--methods", default=DEFAULT_METHODS, type=lambda s: s.split(","),
+    p.add_argument("--methods", default=DEFAULT_METHODS.split(","), type=lambda s: s.split(","),
                    help="comma-separated settings (a method, or method+key=value+...); the "
                         "first is the reference of every ratio")
     p.add_argument("--lengths", type=ints, default=[1024, 2048, 4096, 8000])
@@ -300,10 +314,11 @@ def report(res: dict[str, Any], out: Path) -> int:
     out.write_text(json.dumps(res, indent=1))
     plot(res, out.with_suffix(".png"))
     md = table(res)
+    if res.get("fits"):
+        md += "\n\nFitted against the prompt length (log cost = a + b log L; b):\n\n" + \
+            fits_table(res)
     out.with_suffix(".md").write_text(md + "\n")
     print(md)
-    if res.get("fits"):
-        print(json.dumps(res["fits"], indent=1))
     return 0
 
 
