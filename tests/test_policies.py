@@ -317,7 +317,7 @@ def test_registry_and_flags() -> None:
 def test_policy_objects_delegate_to_functions() -> None:
     gen = torch.Generator().manual_seed(10)
     speckv = build_policy(make_approx_config("speckv", {"kv_budget": 20, "window": 4}))
-    assert speckv.draft_tokens(100) == 16 and speckv.draft_tokens(10) == 10
+    assert speckv.draft_tokens(100) == 32 and speckv.draft_tokens(10) == 10
     n = 3
     q = torch.randn(len(speckv.kv_rows(50, n)), 6, 8, generator=gen)
     k = torch.randn(50 + n, 2, 8, generator=gen)
@@ -326,8 +326,8 @@ def test_policy_objects_delegate_to_functions() -> None:
     snap = build_policy(make_approx_config("snapkv", {"kv_budget": 20, "window": 4}))
     assert snap.draft_tokens(100) == 0 and len(snap.kv_rows(50, 0)) == 5
     casc = build_policy(make_approx_config("speckv_pc", {"kv_budget": 20, "window": 4}))
-    # the cascade drafts SpecKV's n (ALGORITHMS.md, corrected): max_tokens, capped (16)
-    assert casc.draft_tokens(500) == 16 and casc.draft_tokens(10) == 10
+    # the cascade drafts SpecKV's n (ALGORITHMS.md, corrected): max_tokens, capped (32)
+    assert casc.draft_tokens(500) == 32 and casc.draft_tokens(10) == 10
     assert 3000 - casc.prompt_rows(3000, 20).start == 64
     assert torch.equal(casc.select_kv_once(50, q, k), speckv_select_qk(q, k, 50, 20, 4, 7))
     pc = build_policy(make_approx_config("specpc", {"prompt_budget": 16, "window": 4}))
@@ -346,7 +346,7 @@ def test_method_yaml_defaults_match_algorithms_md() -> None:
         "window": 32,
         "kernel": 7,
         "lookahead": None,
-        "max_lookahead": 16,
+        "max_lookahead": 32,
     }
     assert cfg["snapkv"].lookahead == 0 and cfg["snapkv"].kernel == 7
     assert cfg["streamingllm"].sink_tokens == 4 and cfg["streamingllm"].kv_budget == 256
@@ -370,7 +370,7 @@ def test_method_yaml_defaults_match_algorithms_md() -> None:
         c.kernel,
         c.lookahead,
         c.max_lookahead,
-    ) == (2048, 32, 32, 256, 32, 7, None, 16)
+    ) == (2048, 32, 32, 256, 32, 7, None, 32)
     # the class defaults are the same paper defaults
     for m in METHODS:
         assert make_approx_config(m) == cfg[m]

@@ -42,7 +42,7 @@ class SpecKVPCConfig(MethodConfig):
     lookahead: int | None = Field(
         None, ge=1, description="draft tokens n, shared by both stages; null = the "
         "request's max_tokens, capped by max_lookahead (the reference configs: 20)")
-    max_lookahead: int = Field(16, ge=1, description="cap on n when lookahead is null")
+    max_lookahead: int = Field(32, ge=1, description="cap on n when lookahead is null")
 
     @model_validator(mode="after")
     def _check(self) -> SpecKVPCConfig:

@@ -45,7 +45,7 @@ class SpecKVConfig(MethodConfig):
     lookahead: int | None = Field(
         None, ge=0, description="draft tokens n; null = the request's max_tokens"
     )
-    max_lookahead: int = Field(16, ge=0, description="cap on n when lookahead is null")
+    max_lookahead: int = Field(32, ge=0, description="cap on n when lookahead is null")
 
     @model_validator(mode="after")
     def _check(self) -> SpecKVConfig:
