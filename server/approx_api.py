@@ -18,10 +18,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from server.engine_client import CURRENT_REQUEST, RequestApprox
+from server.messages import MessageError, check_messages
 from specapprox_vllm.frontend.scheduler import ApproxStats, DraftScheduler
 from specapprox_vllm.policies import make_approx_config
 
-APPROX_PATHS = ("/v1/chat/completions", "/v1/completions")
+CHAT_PATH = "/v1/chat/completions"
+APPROX_PATHS = (CHAT_PATH, "/v1/completions")
 XARGS_PREFIX = "approx_"
 # Left in the ASGI scope for outer observers (server/metrics.py): the method a request asked
 # for ("invalid" when its approx settings were rejected), and its RequestApprox.
@@ -168,6 +170,12 @@ class ApproxMiddleware:
             return
         ctx = None
         if isinstance(body, dict):
+            if scope["path"] == CHAT_PATH:
+                try:
+                    check_messages(body)
+                except MessageError as e:
+                    await send_error(send, HTTPStatus.BAD_REQUEST, str(e), param=e.param)
+                    return
             try:
                 cfg = parse_approx(body, self.default_method, self.method_defaults)
                 scope[METHOD_SCOPE_KEY] = cfg.method

@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 
 from server.config import PROJECT_ROOT, ConfigError, _parse_scalar, env_name, leaf_keys, load_config
+from server.model_checks import check_draft_tokenizer, check_kv_support
 from specapprox_vllm.policies import POLICY_MODULES_ENV
 
 log = logging.getLogger("specapprox.serve")
@@ -92,6 +93,7 @@ async def serve(cfg) -> int:
     try:
         draft = start_engine(draft_engine_args(cfg), "draft") if needs_draft(cfg) else None
         target = start_engine(AsyncEngineArgs.from_cli_args(vllm_args), "target")
+        await check_kv_support(target)
         built = await build_server_app(cfg, vllm_args, target, draft)
         config = uvicorn.Config(built.asgi, host=cfg.server.host, port=cfg.server.port,
                                 log_level=cfg.server.log_level, access_log=False,
@@ -176,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     ours.propagate = False
     try:
         cfg = parse_config(argv)
+        check_draft_tokenizer(cfg)
     except ConfigError as e:
         print(f"specapprox-serve: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -193,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
         code = asyncio.run(serve(cfg))
     except KeyboardInterrupt:
         code = 130
+    except ConfigError as e:  # refused once the engines could tell (serve() stopped them)
+        print(f"specapprox-serve: {e}", file=sys.stderr)
+        code = 2
     raise SystemExit(code)
 
 

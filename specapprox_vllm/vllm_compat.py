@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -41,6 +42,9 @@ PATCH_POINTS: dict[str, tuple[str, ...]] = {
     "paged_values": ("vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl",),
     "write_kv": ("vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl",),
     "attention_layers": ("vllm.model_executor.layers.attention.attention:Attention",),
+    "runner_attention_layers": ("vllm.model_executor.layers.attention.attention:Attention",
+                                "vllm.config.compilation:CompilationConfig"),
+    "sliding_window": ("vllm.model_executor.layers.attention.attention:Attention",),
     "rotary_for_layer": ("vllm.model_executor.layers.rotary_embedding.base:RotaryEmbedding",),
     "rerotate": ("vllm.model_executor.layers.rotary_embedding.common:ApplyRotaryEmb",),
     "check_rerotation": ("vllm.model_executor.layers.rotary_embedding.base:RotaryEmbedding",),
@@ -48,6 +52,7 @@ PATCH_POINTS: dict[str, tuple[str, ...]] = {
                          "vllm.v1.core.block_pool:BlockPool"),
     "kv_geometry": ("vllm.config.cache:CacheConfig",),
     "kv_pool_blocks": ("vllm.config.cache:CacheConfig",),
+    "generation_defaults": ("vllm.config.model:ModelConfig",),
     "stat_loggers": ("vllm.v1.metrics.loggers:StatLoggerManager",),
     "scheduler_view": ("vllm.v1.metrics.stats:SchedulerStats",),
     "engine_pids": ("vllm.v1.engine.core_client:BackgroundResources",
@@ -258,6 +263,20 @@ def attention_layers(forward_context: Any) -> dict[str, Any]:
             if isinstance(m, Attention)}
 
 
+def runner_attention_layers(runner: Any) -> dict[str, Any]:
+    """The model's attention layers by name, from a worker's model runner (its compilation
+    config's static forward context: what every forward context is built from)."""
+    return attention_layers(SimpleNamespace(
+        no_compile_layers=runner.compilation_config.static_forward_context))
+
+
+def sliding_window(layer: Any) -> int | None:
+    """The attention layer's sliding window in tokens (None: it attends to the whole
+    prefix), per layer as vLLM resolved it (model-level or per-layer config)."""
+    window = getattr(layer, "sliding_window", None)
+    return int(window) if window is not None else None
+
+
 # ---------------------------------------------------------------- rotary embeddings
 def rotary_for_layer(runner: Any, layer_name: str) -> Any:
     """The rotary module of the attention block owning ``layer_name`` (``...self_attn``),
@@ -305,7 +324,9 @@ def check_rerotation(rope: Any) -> None:
                                   rope.is_neox_style)
     err = (rerotate(at_p.view(t, h, d), rope, delta) - want.view(t, h, d)).abs().max().item()
     if err > 1e-3:
-        raise UnsupportedRope(f"re-rotation mismatch {err:.2e} for {type(rope).__name__}")
+        raise UnsupportedRope(
+            f"its RoPE ({type(rope).__name__}) is not reproduced by re-rotating keys (max "
+            f"error {err:.1e}); KV compaction moves the kept keys to new positions")
 
 
 # ---------------------------------------------------------------- scheduler and engine
@@ -338,6 +359,15 @@ def kv_geometry(engine: Any) -> KVGeometry:
                    * model.dtype.itemsize)
     return KVGeometry(int(engine.vllm_config.cache_config.block_size), kv_pool_blocks(engine),
                       layers, token_bytes)
+
+
+def generation_defaults(engine: Any) -> dict[str, Any]:
+    """The sampling defaults an ``AsyncLLM``'s checkpoint sets (``generation_config.json``,
+    or the engine's ``--generation-config`` / overrides), as vLLM's OpenAI serving code reads
+    them for every request (``ModelConfig.get_diff_sampling_param``); empty without a model
+    config."""
+    model = getattr(engine, "model_config", None)
+    return dict(model.get_diff_sampling_param()) if model is not None else {}
 
 
 def stat_loggers(engine: Any) -> list[Any] | None:

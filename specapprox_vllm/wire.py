@@ -40,6 +40,7 @@ class RPC:
     KV_DROP = "specapprox_kv_drop"
     KV_STORE_INFO = "specapprox_kv_store_info"
     TRIM_MEMORY = "specapprox_trim_memory"
+    KV_SUPPORT = "specapprox_kv_support"
 
 
 @dataclass

@@ -43,8 +43,10 @@ def live_server():
     srv.stop()
 
 
-def make_tiny_llama(out: Path, tokenizer_dir: Path, layers: int = 2, seed: int = 0) -> Path:
-    """A random fp32 Llama with SmolLM2's tokenizer, saved as an HF folder vLLM can load."""
+def make_tiny_llama(out: Path, tokenizer_dir: Path, layers: int = 2, seed: int = 0,
+                    initializer_range: float = 0.02) -> Path:
+    """A random fp32 Llama with SmolLM2's tokenizer, saved as an HF folder vLLM can load
+    (a larger ``initializer_range`` gives peakier logits: fewer near-ties to compare)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -53,7 +55,7 @@ def make_tiny_llama(out: Path, tokenizer_dir: Path, layers: int = 2, seed: int =
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
-        torch_dtype="float32",
+        torch_dtype="float32", initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).eval()

@@ -69,3 +69,70 @@ async def test_tiny_llama_through_the_app_matches_hf(tiny_llama_dir: Path) -> No
     ref, safe = hf_greedy(tiny_llama_dir, prompt_ids)
     assert safe >= 3, "random model too tied to compare"
     assert tokens[:safe] == ref[:safe]
+
+
+def _greedy_processed(model, prompt_ids: list[int], n: int, **gen) -> tuple[list[int], int]:
+    """HF greedy ``generate`` (logits processors from the model's generation_config, unless
+    ``gen`` overrides them) and the number of leading steps whose processed top-2 gap > 1e-3."""
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, output_scores=True, return_dict_in_generate=True,
+                         **gen)
+    safe = 0
+    for scores in out.scores:
+        top2 = scores[0].float().topk(2).values
+        if (top2[0] - top2[1]).item() < 1e-3:
+            break
+        safe += 1
+    return out.sequences[0, len(prompt_ids):].tolist(), safe
+
+
+@pytest.mark.timeout(600)
+async def test_draft_generation_config_penalty_applied_as_hf_generate(tmp_path, smollm2_dir
+                                                                        ) -> None:
+    """A draft checkpoint whose generation_config.json sets ``repetition_penalty`` (SmolLM2's
+    weights, linked, with a penalty of 1.8 added) drafts as the reference's HF draft does
+    (``generate`` applies the checkpoint's penalty), for plain lookaheads and scored ones;
+    without the penalty the draft repeats itself, so the check has teeth."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from specapprox_vllm.frontend.draft_runner import DraftRunner
+    from specapprox_vllm.policies import build_policy, make_approx_config
+    from specapprox_vllm.wire import WORKER_EXTENSION
+
+    path = tmp_path / "smollm2-penalty"
+    path.mkdir()
+    for f in smollm2_dir.iterdir():
+        if f.is_file() and not f.name.startswith("specapprox_"):
+            (path / f.name).symlink_to(f.resolve())
+    gen = json.loads((smollm2_dir / "generation_config.json").read_text())
+    (path / "generation_config.json").unlink()
+    (path / "generation_config.json").write_text(json.dumps({**gen, "repetition_penalty": 1.8}))
+    tok = AutoTokenizer.from_pretrained(path)
+    prompt = tok.encode("red green blue red green blue red green blue red green blue red green")
+    n = 12
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert hf.generation_config.repetition_penalty == 1.8
+    want, safe = _greedy_processed(hf, prompt, n)
+    plain, _ = _greedy_processed(hf, prompt, n, repetition_penalty=1.0)
+    assert safe >= 6, "too close to call"
+    assert plain[:safe] != want[:safe], "the penalty changes nothing here: no teeth"
+
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
+        model=str(path), dtype="float32", max_model_len=512, enforce_eager=True,
+        kv_cache_memory_bytes=1 << 28, worker_extension_cls=WORKER_EXTENSION, seed=0))
+    try:
+        runner = DraftRunner(engine)
+        assert runner.sampling_defaults == {"repetition_penalty": 1.8}
+        got = (await runner.generate(prompt, n, "la")).tokens
+        assert got[:safe] == want[:safe], (tok.decode(got), tok.decode(want), safe)
+        policy = build_policy(make_approx_config("specpc", {
+            "prompt_budget": 8, "window": 2, "kernel": 3, "neighbors": 1, "start_layer": 0}))
+        scored = await runner.score_prompt(prompt, policy, n, "pc")
+        assert scored.tokens[:safe] == want[:safe], (tok.decode(scored.tokens), safe)
+    finally:
+        engine.shutdown()

@@ -18,10 +18,14 @@ serving code and our layer name it plainly (``"max_tokens"``, ``"approx.kv_budge
 
 A few inputs are *tolerated* by vLLM's server and are asserted as such (``ACCEPTED``):
 unknown top-level fields (ignored, with a warning in the server log), a missing ``model``
-(the served model is used), any ``role`` string (vLLM allows custom roles, which the chat
-template renders), pydantic's lax booleans (``"yes"``) and ``approx`` budgets at or above the
-context length (the prompt is always within budget, so it is served without approximation,
-as API.md says).
+(the served model is used), pydantic's lax booleans (``"yes"``) and ``approx`` budgets at or
+above the context length (the prompt is always within budget, so it is served without
+approximation, as API.md says).
+
+Two inputs vLLM tolerates and OpenAI refuses are refused here as OpenAI refuses them (issue
+19, ``server/messages.py``): a message ``role`` outside OpenAI's list (vLLM would render
+"wizard" as a turn of its own) and a message without the ``content`` its role requires; the
+400 names ``messages[i].role`` / ``messages[i].content``.
 """
 
 from __future__ import annotations
@@ -139,6 +143,21 @@ CASES: list[Case] = [
     Case("empty_prompt", compl(prompt=""), 400, BR, "prompt", path=COMPL),
     Case("message_without_role", chat(messages=[{"content": "Hi"}]), 400, BRV, ANY,
          message=("role",)),
+    # --- where vLLM is looser than OpenAI (server/messages.py answers as OpenAI does)
+    Case("unknown_role", chat(messages=[{"role": "wizard", "content": "Hi"}]), 400, BR,
+         "messages[0].role", message=("wizard", "'user'")),
+    Case("unknown_role_second_message",
+         chat(messages=[{"role": "system", "content": "Be brief."},
+                        {"role": "User", "content": "Hi"}]), 400, BR, "messages[1].role",
+         message=("User",)),
+    Case("user_without_content", chat(messages=[{"role": "user"}]), 400, BR,
+         "messages[0].content", message=("missing", "messages[0].content")),
+    Case("user_null_content", chat(messages=[{"role": "user", "content": None}]), 400, BR,
+         "messages[0].content", message=("messages[0].content",)),
+    Case("assistant_without_content_or_tool_calls",
+         chat(messages=[{"role": "user", "content": "Hi"}, {"role": "assistant"},
+                        {"role": "user", "content": "Again"}]), 400, BR,
+         "messages[1].content", message=("missing",)),
     # --- lengths and counts
     Case("negative_max_tokens", chat(max_tokens=-1), 400, BR, "max_tokens"),
     # vLLM validates max_completion_tokens as max_tokens, and names that
@@ -268,8 +287,12 @@ CASES: list[Case] = [
 ACCEPTED: list[Case] = [
     Case("unknown_top_level_field", chat(frobnicate=1, another_unknown={"a": 1}), 200, ""),
     Case("missing_model", without(chat(), "model"), 200, ""),
-    # vLLM accepts any role string (custom roles, rendered by the chat template)
-    Case("unknown_role", chat(messages=[{"role": "wizard", "content": "Hi"}]), 200, ""),
+    # an assistant turn that only calls a tool needs no content (OpenAI's rule too)
+    Case("assistant_tool_call_without_content", chat(messages=[
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]), 200, ""),
     # pydantic's lax mode: "yes" is a boolean
     Case("logprobs_yes_string", chat(logprobs="yes"), 200, ""),
     Case("approx_budget_beyond_context",

@@ -160,6 +160,52 @@ def test_attention_layers() -> None:
     assert vllm_compat.attention_layers(ctx) == {"model.layers.0.self_attn.attn": attn}
 
 
+def test_runner_attention_layers() -> None:
+    from vllm.config.compilation import CompilationConfig
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    assert "static_forward_context" in {f.name for f in dataclasses.fields(CompilationConfig)}
+    attn = Attention.__new__(Attention)
+    runner = SimpleNamespace(compilation_config=SimpleNamespace(static_forward_context={
+        "model.layers.0.self_attn.attn": attn, "model.layers.0.mlp": torch.nn.Linear(2, 2)}))
+    assert vllm_compat.runner_attention_layers(runner) == {"model.layers.0.self_attn.attn": attn}
+
+
+def test_sliding_window() -> None:
+    """vLLM's Attention resolves the per-layer or model-level window into ``sliding_window``
+    (None: full attention); its constructor still takes it."""
+    import inspect
+
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    params = inspect.signature(Attention.__init__).parameters
+    assert "per_layer_sliding_window" in params and "cache_config" in params
+    assert "self.sliding_window = sliding_window" in inspect.getsource(Attention.__init__)
+    assert vllm_compat.sliding_window(SimpleNamespace(sliding_window=None)) is None
+    assert vllm_compat.sliding_window(SimpleNamespace(sliding_window=4096)) == 4096
+
+
+def test_generation_defaults(tmp_path, smollm2_dir) -> None:
+    """The penalties a checkpoint's generation_config.json sets, as vLLM's serving code reads
+    them (ModelConfig.get_diff_sampling_param on a real ModelConfig of a copied folder)."""
+    import json
+    import shutil
+
+    from vllm.config import ModelConfig
+
+    for f in smollm2_dir.iterdir():
+        if f.suffix != ".safetensors" and f.is_file():
+            shutil.copyfile(f, tmp_path / f.name)
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    gen.update(repetition_penalty=1.3, temperature=0.7)
+    (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+    engine = SimpleNamespace(model_config=ModelConfig(model=str(tmp_path),
+                                                      tokenizer=str(tmp_path)))
+    assert vllm_compat.generation_defaults(engine) == {"repetition_penalty": 1.3,
+                                                        "temperature": 0.7}
+    assert vllm_compat.generation_defaults(SimpleNamespace()) == {}
+
+
 def _rope(scaling: dict | None = None, neox: bool = True):
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.rotary_embedding import get_rope
@@ -179,6 +225,10 @@ def test_check_rerotation() -> None:
     self-check that guards it must pass for the standard rope and llama3 scaling."""
     for scaling, neox in ((None, True), (None, False), (LLAMA3, True)):
         vllm_compat.check_rerotation(_rope(scaling, neox))
+    # YaRN scales its cos/sin cache (mscale): re-rotating by delta would scale keys again
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}
+    with pytest.raises(vllm_compat.UnsupportedRope, match="YaRNScalingRotaryEmbedding"):
+        vllm_compat.check_rerotation(_rope(yarn))
 
 
 def test_rerotate() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
 from collections.abc import Awaitable
@@ -26,10 +27,12 @@ from typing import Any, TypeVar
 
 import torch
 
+from specapprox_vllm import vllm_compat
 from specapprox_vllm.policies import Policy
 from specapprox_vllm.wire import PROMPT_SCORES_KEY, RPC, ScoringSpec
 
 T = TypeVar("T")
+DRAFT_GENERATION_KEYS = ("repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 class DraftError(RuntimeError):
@@ -71,6 +74,15 @@ class DraftRunner:
         except Exception as e:  # noqa: BLE001 - any draft fault is the policy's to handle
             raise DraftFailure("draft_error", f"{type(e).__name__}: {e}"[:300]) from e
 
+    @functools.cached_property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The draft checkpoint's ``generation_config`` penalties, read as vLLM's OpenAI
+        serving path reads the target's (``vllm_compat.generation_defaults``) and applied the
+        same way; the reference's HF draft applies them in ``generate``. Its sampling-shape
+        keys (temperature, top-p/k, min-p) do not apply: the draft decodes greedily."""
+        defaults = vllm_compat.generation_defaults(self.engine)
+        return {k: defaults[k] for k in DRAFT_GENERATION_KEYS if defaults.get(k) is not None}
+
     @property
     def num_layers(self) -> int:
         return int(self.engine.model_config.hf_config.num_hidden_layers)
@@ -82,7 +94,7 @@ class DraftRunner:
 
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, extra_args=extra_args,
                                 skip_reading_prefix_cache=skip_reading_prefix_cache,
-                                detokenize=False)
+                                detokenize=False, **self.sampling_defaults)
         final = None
         async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, params,
                                               request_id):

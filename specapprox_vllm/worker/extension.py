@@ -27,6 +27,9 @@ class SpecApproxWorkerExtension:
     def specapprox_kv_store_info(self) -> dict[str, int]:
         return kv_compaction.store_info()
 
+    def specapprox_kv_support(self) -> list[str]:
+        return kv_compaction.support_problems(self.model_runner)
+
     def specapprox_trim_memory(self) -> dict[str, Any]:
         """Free heap pages back to the OS (see ``specapprox_vllm/memory.py``). Sent through
         ``collective_rpc``, so it runs between engine steps, never during a forward pass."""

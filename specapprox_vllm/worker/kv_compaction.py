@@ -121,6 +121,23 @@ def _finish_layer(entry: KVEntry, name: str, layer: Any, kv_cache: Tensor, table
         entry.indices[name] = idx.clone()
 
 
+def support_problems(runner: Any) -> list[str]:
+    """Why this model's attention cannot be compacted exactly (empty: it can): a sliding
+    window on any layer, or a RoPE that re-rotation does not reproduce. Asked once at the
+    server's start-up, so an unsupported model is refused then, not on its first request."""
+    problems = []
+    for name, layer in vllm_compat.runner_attention_layers(runner).items():
+        window = vllm_compat.sliding_window(layer)
+        if window is not None:
+            problems.append(f"its attention layers use a sliding window ({window} tokens); "
+                            "KV compaction keeps entries from the whole prompt")
+        try:
+            _ROPE[name] = vllm_compat.rotary_for_layer(runner, name)
+        except vllm_compat.UnsupportedRope as e:
+            problems.append(str(e).removeprefix(f"{name}: "))
+    return sorted(set(problems))
+
+
 def stored(key: str) -> KVEntry | None:
     """The entry of a finished scoring request (the connector loads its K/V)."""
     return STORE.get(key)
