@@ -13,7 +13,11 @@ import logging
 from typing import Any
 
 from server.config import EngineConfig, ServerConfig
-from specapprox_vllm.vllm_compat import serve_arg_parser, validate_serve_args
+from specapprox_vllm.vllm_compat import (
+    PENALTY_PROCESSOR_PATH,
+    serve_arg_parser,
+    validate_serve_args,
+)
 from specapprox_vllm.wire import CONNECTOR_CONFIG, WORKER_EXTENSION
 
 log = logging.getLogger("specapprox.engines")
@@ -47,8 +51,10 @@ def _engine_flags(e: EngineConfig) -> list[str]:
 
 def target_flags(e: EngineConfig) -> list[str]:
     """The target's flags: its engine flags plus the SpecKV KV connector, which injects
-    compacted KV into decode requests and does nothing for any other request."""
-    return _engine_flags(e) + ["--kv-transfer-config", json.dumps(CONNECTOR_CONFIG)]
+    compacted KV into decode requests, and the logits processor that counts their penalties
+    over the real prompt; both do nothing for any other request."""
+    return _engine_flags(e) + ["--kv-transfer-config", json.dumps(CONNECTOR_CONFIG),
+                               "--logits-processors", PENALTY_PROCESSOR_PATH]
 
 
 def vllm_server_args(cfg: ServerConfig) -> argparse.Namespace:

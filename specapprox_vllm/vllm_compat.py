@@ -26,6 +26,7 @@ from torch import Tensor
 
 SUPPORTED_VLLM_SERIES = "0.32."
 CPU_BACKEND_PATH = "specapprox_vllm.worker.cpu_backend.CaptureCPUBackend"
+PENALTY_PROCESSOR_PATH = "specapprox_vllm.worker.penalties:RealPromptPenalties"
 
 #: compat function -> the vLLM symbols (``module:attribute``) it relies on. Each function has
 #: a test in tests/test_vllm_compat.py, and every symbol must still exist.
@@ -53,6 +54,10 @@ PATCH_POINTS: dict[str, tuple[str, ...]] = {
     "kv_geometry": ("vllm.config.cache:CacheConfig",),
     "kv_pool_blocks": ("vllm.config.cache:CacheConfig",),
     "generation_defaults": ("vllm.config.model:ModelConfig",),
+    "make_penalty_processor": ("vllm.v1.sample.logits_processor:LogitsProcessor",
+                               "vllm.v1.sample.logits_processor:BatchUpdate",
+                               "vllm.v1.sample.logits_processor.builtin:process_dict_updates",
+                               "vllm.v1.sample.ops.penalties:apply_all_penalties"),
     "stat_loggers": ("vllm.v1.metrics.loggers:StatLoggerManager",),
     "scheduler_view": ("vllm.v1.metrics.stats:SchedulerStats",),
     "engine_pids": ("vllm.v1.engine.core_client:BackgroundResources",
@@ -176,6 +181,68 @@ def make_cpu_backend(after_attention: AttentionHook, on_step: StepHook) -> type:
             return CaptureCPUImpl
 
     return CaptureCPUBackend
+
+
+@dataclass
+class _Penalised:
+    prompt: Tensor  # [L] the token ids the penalties count as the prompt
+    before: list[int]  # output tokens that sit in the request's prompt (a continuation)
+    outputs: list[int]  # the request's own running output list (vLLM appends to it)
+    repetition: float
+    presence: float
+    frequency: float
+
+
+def make_penalty_processor(key: str) -> type:
+    """A custom logits processor (vLLM's v1 interface, ``--logits-processors``) that applies
+    vLLM's own presence, frequency and repetition penalties (``apply_all_penalties``) to the
+    rows whose ``SamplingParams.extra_args[key]`` names the prompt and the earlier outputs
+    they stand for: ``{"prompt", "before", "repetition", "presence", "frequency"}``.
+
+    vLLM runs it with the other non-argmax-invariant processors, after the built-in ones
+    (min_tokens, logit_bias) and right before its own penalty step, which is where vLLM
+    applies penalties; the request itself carries neutral penalties, so the result is vLLM's
+    arithmetic over other token counts."""
+    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+    from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+    from vllm.v1.sample.ops.penalties import apply_all_penalties
+
+    def state(params: Any, _prompt: Any, outputs: list[int]) -> _Penalised | None:
+        spec = (params.extra_args or {}).get(key)
+        if not spec:
+            return None
+        return _Penalised(torch.tensor(spec["prompt"], dtype=torch.int64),
+                          list(spec.get("before", ())), outputs, float(spec["repetition"]),
+                          float(spec["presence"]), float(spec["frequency"]))
+
+    class PenaltyProcessor(LogitsProcessor):
+        def __init__(self, vllm_config: Any, device: Any, is_pin_memory: bool) -> None:
+            self.rows: dict[int, _Penalised] = {}
+
+        def is_argmax_invariant(self) -> bool:
+            return False  # penalties change the greedy choice
+
+        def update_state(self, batch_update: BatchUpdate | None) -> None:
+            process_dict_updates(self.rows, batch_update, state)
+
+        def apply(self, logits: Tensor) -> Tensor:
+            rows = sorted(r for r in self.rows if r < logits.shape[0])
+            if not rows:
+                return logits
+            got = [self.rows[r] for r in rows]
+            vocab = logits.shape[1]
+            prompts = torch.nn.utils.rnn.pad_sequence([g.prompt for g in got],
+                                                      batch_first=True, padding_value=vocab)
+            idx = torch.tensor(rows, device=logits.device)
+            logits[idx] = apply_all_penalties(
+                logits[idx], prompts.to(logits.device),
+                torch.tensor([g.presence for g in got], device=logits.device),
+                torch.tensor([g.frequency for g in got], device=logits.device),
+                torch.tensor([g.repetition for g in got], device=logits.device),
+                [[*g.before, *g.outputs] for g in got])
+            return logits
+
+    return PenaltyProcessor
 
 
 @dataclass

@@ -21,6 +21,9 @@ PROMPT_SCORES_KEY = "specapprox_capture"
 KV_COMPACTION_KEY = "specapprox_kv"
 LOAD_KEY = "specapprox_load"  # kv_transfer_params of a decode request: the stored entry's key
 REPORT_KEY = "specapprox"  # kv_transfer_params of a finished decode request: the engine's report
+# extra_args of a decode request with penalties: the prompt and earlier outputs they count
+# (the decode request's own prompt is placeholders; specapprox_vllm/worker/penalties.py)
+PENALTY_KEY = "specapprox_penalties"
 
 WORKER_EXTENSION = "specapprox_vllm.worker.extension.SpecApproxWorkerExtension"
 CONNECTOR_CONFIG: dict[str, str] = {

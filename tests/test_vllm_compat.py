@@ -206,6 +206,45 @@ def test_generation_defaults(tmp_path, smollm2_dir) -> None:
     assert vllm_compat.generation_defaults(SimpleNamespace()) == {}
 
 
+def naive_penalties(logits: torch.Tensor, prompt: list[int], outputs: list[int],
+                    repetition: float, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's presence/frequency penalties over the outputs and the CTRL/HF repetition
+    penalty over prompt and outputs, token by token (the independent expectation)."""
+    out = logits.clone()
+    for tok in set(prompt) | set(outputs):
+        out[tok] = out[tok] / repetition if out[tok] > 0 else out[tok] * repetition
+    for tok in set(outputs):
+        out[tok] -= frequency * outputs.count(tok) + presence
+    return out
+
+
+def test_make_penalty_processor() -> None:
+    """Rows flagged in extra_args get the penalties over the prompt and outputs they name
+    (``before`` + the live output list), equal to the naive penalties; other rows are left
+    alone; a removed request stops being penalised."""
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    cls = vllm_compat.make_penalty_processor("k")
+    proc = cls(None, torch.device("cpu"), False)
+    assert not proc.is_argmax_invariant()
+    spec = {"prompt": [3, 5, 5, 7], "before": [9, 3], "repetition": 1.3, "presence": 0.25,
+            "frequency": 0.5}
+    live: list[int] = [11]
+    flagged = SamplingParams(max_tokens=4, extra_args={"k": spec})
+    proc.update_state(BatchUpdate(batch_size=2, removed=[], moved=[], added=[
+        (0, SamplingParams(max_tokens=4), [1, 2], []), (1, flagged, [0, 0, 0], live)]))
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 16, generator=g) * 3
+    live.append(9)  # vLLM appends sampled tokens to the list it handed over
+    got = proc.apply(logits.clone())
+    assert torch.equal(got[0], logits[0])
+    want = naive_penalties(logits[1], spec["prompt"], [9, 3, 11, 9], 1.3, 0.25, 0.5)
+    assert torch.allclose(got[1], want, atol=1e-6), (got[1], want)
+    proc.update_state(BatchUpdate(batch_size=1, removed=[1], moved=[], added=[]))
+    assert torch.equal(proc.apply(logits.clone()), logits)
+
+
 def _rope(scaling: dict | None = None, neox: bool = True):
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.rotary_embedding import get_rope

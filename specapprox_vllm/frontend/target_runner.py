@@ -13,8 +13,10 @@
    ``C`` slots, and decoding runs from ``P[L-1]`` at position ``C`` over re-rotated keys.
 
 Placeholders are the ``C`` prompt tokens before ``P[L-1]``: no computation reads them (their
-KV is injected), but ``repetition_penalty`` and prompt logprobs would see them instead of
-``P``; the handler rejects prompt logprobs for these methods.
+KV is injected). Penalties would count them instead of ``P``: the decode request carries its
+penalties in ``extra_args`` for the target's logits processor, which counts ``P`` and the
+outputs (:mod:`specapprox_vllm.worker.penalties`). Prompt logprobs would see them too; the
+handler rejects prompt logprobs for these methods.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 from specapprox_vllm.policies import Policy
 from specapprox_vllm.vllm_compat import kv_geometry
-from specapprox_vllm.wire import KV_COMPACTION_KEY, LOAD_KEY, RPC, ScoringSpec
+from specapprox_vllm.wire import KV_COMPACTION_KEY, LOAD_KEY, PENALTY_KEY, RPC, ScoringSpec
 
 
 class KVCompactError(RuntimeError):
@@ -47,6 +49,12 @@ class KVHandle:
     cached_tokens: int = 0  # prompt tokens the scoring request read from the prefix cache
     recomputed: bool = False  # the scoring request was preempted and recomputed
     indices: dict[str, list[list[int]]] | None = None  # layer -> [H_kv][C] (tests only)
+
+
+def _has_penalties(params: Any) -> bool:
+    return (getattr(params, "repetition_penalty", 1.0) != 1.0
+            or getattr(params, "presence_penalty", 0.0) != 0.0
+            or getattr(params, "frequency_penalty", 0.0) != 0.0)
 
 
 class TargetKVRunner:
@@ -142,6 +150,15 @@ class TargetKVRunner:
         params = sampling_params.clone()
         params.extra_args = {**(params.extra_args or {}),
                              "kv_transfer_params": {LOAD_KEY: handle.key, "C": c}}
+        if _has_penalties(params):
+            # Counted over P and the continuation by the target's logits processor
+            # (specapprox_vllm/worker/penalties.py), not over the placeholders.
+            params.extra_args[PENALTY_KEY] = {
+                "prompt": list(prompt_ids), "before": list(continuation),
+                "repetition": params.repetition_penalty, "presence": params.presence_penalty,
+                "frequency": params.frequency_penalty}
+            params.repetition_penalty, params.presence_penalty = 1.0, 0.0
+            params.frequency_penalty = 0.0
         if continuation:
             done = len(continuation)
             params.max_tokens = params.max_tokens - done

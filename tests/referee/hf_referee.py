@@ -45,6 +45,9 @@ from specapprox_vllm.policies import (
 
 __all__ = ["Referee", "RefereeResult"]
 
+# (logits [V], output tokens so far) -> adjusted logits: penalties in tests
+Penalty = Callable[[Tensor, list[int]], Tensor]
+
 
 @dataclass
 class RefereeResult:
@@ -184,13 +187,17 @@ class Referee:
         return out.logits[0, -1]
 
     def _decode(
-        self, model: PreTrainedModel, first: int, pos: int, cache: DynamicCache, max_new: int
+        self, model: PreTrainedModel, first: int, pos: int, cache: DynamicCache, max_new: int,
+        penalty: Penalty | None = None,
     ) -> list[int]:
-        """Greedy decoding: feed ``first`` at ``pos``, then each argmax at the next position."""
+        """Greedy decoding: feed ``first`` at ``pos``, then each argmax at the next position.
+        ``penalty(logits, outputs)`` adjusts each step's logits (the outputs so far)."""
         tokens: list[int] = []
         tok = first
         while len(tokens) < max_new:
             logits = self._forward(model, [tok], cache, pos)
+            if penalty is not None:
+                logits = penalty(logits, tokens)
             tok = int(torch.argmax(logits))
             tokens.append(tok)
             pos += 1
@@ -198,16 +205,21 @@ class Referee:
                 break
         return tokens
 
-    def full_generate(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+    def full_generate(self, prompt_ids: Sequence[int], max_new_tokens: int,
+                      penalty: Penalty | None = None) -> list[int]:
         """Plain greedy generation with full attention (prefill ``P``, decode)."""
         cache = DynamicCache()
         logits = self._forward(self.target, prompt_ids, cache, 0)
+        if penalty is not None:
+            logits = penalty(logits, [])
         tok = int(torch.argmax(logits))
         if max_new_tokens <= 0:
             return []
         if tok in self.eos or max_new_tokens == 1:
             return [tok]
-        return [tok, *self._decode(self.target, tok, len(prompt_ids), cache, max_new_tokens - 1)]
+        rest_penalty = None if penalty is None else (lambda lg, out: penalty(lg, [tok, *out]))
+        return [tok, *self._decode(self.target, tok, len(prompt_ids), cache, max_new_tokens - 1,
+                                   rest_penalty)]
 
     def run_draft(
         self,
@@ -260,6 +272,7 @@ class Referee:
         max_new_tokens: int,
         scores_out: list[Tensor] | None = None,
         continuation: Sequence[int] = (),
+        penalty: Penalty | None = None,
     ) -> tuple[list[int], Tensor]:
         """Prefill ``P + D``, keep ``policy.select_kv_once`` per layer, decode from
         ``P[L-1]``. The scoring queries are the policy's ``kv_rows``: the last ones.
@@ -291,8 +304,9 @@ class Referee:
         compact = DynamicCache(ddp_cache_data=data)
         if not continuation:
             tokens = self._decode(self.target, prompt_ids[-1], length - 1, compact,
-                                  max_new_tokens)
+                                  max_new_tokens, penalty)
             return tokens, torch.stack(kept)
+        assert penalty is None, "penalties after a continuation: not needed by any test"
         logits = self._forward(self.target, [prompt_ids[-1], *continuation], compact,
                                length - 1)
         tok = int(torch.argmax(logits))
