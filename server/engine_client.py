@@ -11,6 +11,7 @@ length of the prompt the user sent. Everything else is delegated to the target e
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ class RequestApprox:
 
     config: ApproxConfig
     stats: list[ApproxStats] = field(default_factory=list)
+    # the target requests it streams from: what a deadline aborts explicitly (abort_requests)
+    engine_requests: list[str] = field(default_factory=list)
 
 
 CURRENT_REQUEST: contextvars.ContextVar[RequestApprox | None] = contextvars.ContextVar(
@@ -77,11 +80,14 @@ class ApproxEngineClient:
         plan = await self.scheduler.plan(token_ids, sampling_params, cfg, request_id)
         if ctx is not None:
             ctx.stats.append(plan.stats)
+            ctx.engine_requests.append(request_id)
         try:
             join = None
             if plan.lookahead is not None:
                 # Self-draft: the answer's first tokens, streamed as they come; then the rest.
                 la = plan.lookahead
+                if ctx is not None:
+                    ctx.engine_requests.append(la.request_id)
                 first, answered = None, Answered(sampling_params)
                 async for out in self.target.generate(prompt, la.sampling_params,
                                                       la.request_id, **kwargs):
@@ -127,6 +133,14 @@ class ApproxEngineClient:
                 if prompt.get("prompt") is not None:
                     out.prompt = prompt["prompt"]
             yield out
+
+    async def abort_requests(self, request_ids: list[str]) -> None:
+        """Abort these target requests, whether or not they are still running (a finished
+        one is a no-op). Why not rely on the stream being closed: a streaming response whose
+        send failed leaves its generator to the garbage collector, and the engine request
+        then ran on to ``max_tokens`` (seen once in a few hundred deadline tests)."""
+        with contextlib.suppress(Exception):
+            await self.target.abort(list(request_ids))
 
     def shutdown(self, timeout: float | None = None) -> None:
         for engine in self.engines:

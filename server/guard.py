@@ -38,6 +38,7 @@ from typing import Any
 
 from server.approx_api import (
     APPROX_PATHS,
+    APPROX_SCOPE_KEY,
     METHOD_SCOPE_KEY,
     Message,
     Receive,
@@ -261,6 +262,13 @@ class AdmissionMiddleware:
         finally:
             adm.done(time.monotonic() - t0)
 
+    async def _abort_engine_requests(self, scope: Scope) -> None:
+        """Abort the target requests of an HTTP request that ended without its full response
+        (deadline, client gone), explicitly: see ``ApproxEngineClient.abort_requests``."""
+        ctx = scope.get(APPROX_SCOPE_KEY)
+        if ctx is not None and ctx.engine_requests:
+            await self.client.abort_requests(ctx.engine_requests)
+
     async def _serve(self, scope: Scope, receive: Receive, send: Send, t0: float) -> None:
         timeout = self.admission.timeout_s
         dl = _Deadline(receive, send)
@@ -269,7 +277,11 @@ class AdmissionMiddleware:
             left = None if timeout is None else max(0.0, timeout - (time.monotonic() - t0))
             done, _ = await asyncio.wait({task}, timeout=left)
             if task in done:
-                task.result()
+                try:
+                    task.result()
+                finally:
+                    if not dl.finished:  # the client left mid-response: nothing may run on
+                        await self._abort_engine_requests(scope)
                 return
             dl.hit.set()  # the app's handlers now see a disconnect and abort their requests
             self.admission.timed_out += 1
@@ -278,6 +290,7 @@ class AdmissionMiddleware:
                 task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+            await self._abort_engine_requests(scope)
             await dl.answer_timeout(f"request exceeded the server's request_timeout_s "
                                     f"({timeout} s) and was aborted")
         except asyncio.CancelledError:

@@ -174,6 +174,55 @@ async def test_client_disconnect_reaches_the_app() -> None:
     assert app.aborted == 1 and adm.active == 0
 
 
+class AbortingClient(FakeClient):
+    def __init__(self) -> None:
+        self.aborted: list[list[str]] = []
+
+    async def abort_requests(self, request_ids: list[str]) -> None:
+        self.aborted.append(list(request_ids))
+
+
+class LeakyStreamApp:
+    """Streams like Starlette's StreamingResponse over vLLM's generator: when a send fails
+    it lets the error out and never closes its engine request (that is left to the garbage
+    collector, which is how a timed-out stream once ran on in the engine)."""
+
+    def __init__(self, chunks: int) -> None:
+        self.chunks = chunks
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        from types import SimpleNamespace
+
+        from server.approx_api import APPROX_SCOPE_KEY
+
+        await receive()
+        scope[APPROX_SCOPE_KEY] = SimpleNamespace(engine_requests=["chatcmpl-1", "la-1"])
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        for _ in range(self.chunks):
+            await asyncio.sleep(0.05)
+            await send({"type": "http.response.body", "body": b"data: {}\n\n",
+                        "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+
+async def test_deadline_aborts_the_engine_requests_of_a_leaked_stream() -> None:
+    client = AbortingClient()
+    r = Recorder()
+    await asyncio.wait_for(AdmissionMiddleware(LeakyStreamApp(1000), Admission(4, 4, 0.3),
+                                               client)(r.scope, r.receive, r.send), 5)
+    assert client.aborted == [["chatcmpl-1", "la-1"]]
+    assert r.text.endswith(b"data: [DONE]\n\n") and b"TimeoutError" in r.text
+
+
+async def test_finished_response_aborts_nothing() -> None:
+    client = AbortingClient()
+    r = Recorder()
+    await AdmissionMiddleware(LeakyStreamApp(2), Admission(4, 4, 30), client)(
+        r.scope, r.receive, r.send)
+    assert client.aborted == [] and r.text.endswith(b"data: [DONE]\n\n")
+
+
 async def test_dead_engine_fails_fast_with_503() -> None:
     client = FakeClient()
     client.errored = True

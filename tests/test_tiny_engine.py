@@ -15,21 +15,27 @@ from tests.conftest import ROOT
 MAX_TOKENS = 12
 
 
-def hf_greedy(model_dir: Path, prompt_ids: list[int]) -> tuple[list[int], int]:
-    """Greedy tokens and the number of leading steps whose top-1/top-2 gap is > 1e-3."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
-                         output_scores=True, return_dict_in_generate=True)
-    tokens = out.sequences[0, len(prompt_ids):].tolist()
+def greedy(model, prompt_ids: list[int], n: int, **gen) -> tuple[list[int], int]:
+    """HF greedy ``generate`` (logits processors from the model's generation_config, unless
+    ``gen`` overrides them) and the number of leading steps whose processed top-1/top-2 gap
+    is > 1e-3 (the steps two implementations can be compared on)."""
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False,
+                         output_scores=True, return_dict_in_generate=True, **gen)
     safe = 0
     for scores in out.scores:
         top2 = scores[0].float().topk(2).values
         if (top2[0] - top2[1]).item() < 1e-3:
             break
         safe += 1
-    return tokens, safe
+    return out.sequences[0, len(prompt_ids):].tolist(), safe
+
+
+def hf_greedy(model_dir: Path, prompt_ids: list[int]) -> tuple[list[int], int]:
+    """Greedy tokens of the model in ``model_dir`` and its comparable leading steps."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return greedy(model, prompt_ids, MAX_TOKENS)
 
 
 @pytest.mark.timeout(600)
@@ -71,21 +77,6 @@ async def test_tiny_llama_through_the_app_matches_hf(tiny_llama_dir: Path) -> No
     assert tokens[:safe] == ref[:safe]
 
 
-def _greedy_processed(model, prompt_ids: list[int], n: int, **gen) -> tuple[list[int], int]:
-    """HF greedy ``generate`` (logits processors from the model's generation_config, unless
-    ``gen`` overrides them) and the number of leading steps whose processed top-2 gap > 1e-3."""
-    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, min_new_tokens=n,
-                         do_sample=False, output_scores=True, return_dict_in_generate=True,
-                         **gen)
-    safe = 0
-    for scores in out.scores:
-        top2 = scores[0].float().topk(2).values
-        if (top2[0] - top2[1]).item() < 1e-3:
-            break
-        safe += 1
-    return out.sequences[0, len(prompt_ids):].tolist(), safe
-
-
 @pytest.mark.timeout(600)
 async def test_draft_generation_config_penalty_applied_as_hf_generate(tmp_path, smollm2_dir
                                                                         ) -> None:
@@ -117,8 +108,8 @@ async def test_draft_generation_config_penalty_applied_as_hf_generate(tmp_path, 
 
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     assert hf.generation_config.repetition_penalty == 1.8
-    want, safe = _greedy_processed(hf, prompt, n)
-    plain, _ = _greedy_processed(hf, prompt, n, repetition_penalty=1.0)
+    want, safe = greedy(hf, prompt, n)
+    plain, _ = greedy(hf, prompt, n, repetition_penalty=1.0)
     assert safe >= 6, "too close to call"
     assert plain[:safe] != want[:safe], "the penalty changes nothing here: no teeth"
 
