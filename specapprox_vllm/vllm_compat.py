@@ -1,13 +1,10 @@
 """Every place where specapprox-vllm touches vLLM internals, in one module.
 
-vLLM does not promise stability for what we rely on: attention-backend impl signatures and
-metadata fields, the CPU paged-KV layout, the model runner's per-step request state, rotary
-internals, the KV-connector's view of the block pool, stat loggers, the OpenAI app builders.
-Each of these is reached through a named function here, :data:`PATCH_POINTS` lists the vLLM
-symbols behind each function, and ``tests/test_vllm_compat.py`` has a test per function, so a
-vLLM upgrade fails in one place instead of silently serving wrong results. The rest of the
-product imports only vLLM's public API (``SamplingParams``, ``AsyncLLM``, ``AsyncEngineArgs``,
-``vllm.exceptions``, the KV-connector base classes it implements) and this module.
+vLLM does not promise stability for what we rely on (attention impls and metadata, the CPU
+paged-KV layout, the runner's request state, rotary internals, the block pool and prefix-cache
+lookup, stat loggers, the OpenAI app builders). Each is reached through a named function here,
+:data:`PATCH_POINTS` lists the vLLM symbols behind each, and ``tests/test_vllm_compat.py`` tests
+each, so an upgrade fails in one place. The rest of the product imports only vLLM's public API.
 
 Engine-side hooks are installed by :func:`install_hooks` (from ``specapprox_vllm.register()``
 in every vLLM process); the callbacks they call live in ``specapprox_vllm/worker``, which hands
@@ -49,6 +46,7 @@ PATCH_POINTS: dict[str, tuple[str, ...]] = {
     "rotary_for_layer": ("vllm.model_executor.layers.rotary_embedding.base:RotaryEmbedding",),
     "rerotate": ("vllm.model_executor.layers.rotary_embedding.common:ApplyRotaryEmb",),
     "check_rerotation": ("vllm.model_executor.layers.rotary_embedding.base:RotaryEmbedding",),
+    "cap_prefix_cache_hits": ("vllm.v1.core.kv_cache_manager:KVCacheManager",),
     "block_pool_stats": ("vllm.distributed.kv_transfer.kv_connector.v1.base:KVConnectorBase_V1",
                          "vllm.v1.core.block_pool:BlockPool"),
     "kv_geometry": ("vllm.config.cache:CacheConfig",),
@@ -76,16 +74,9 @@ PREPARE_INPUTS_PARAMS = ("self", "scheduler_output", "num_scheduled_tokens")
 SUPPORTED_CPU_ISAS = ("vec",)
 
 
-class UnsupportedVLLMVersion(RuntimeError):
-    pass
-
-
-class UnsupportedKVLayout(RuntimeError):
-    pass
-
-
-class UnsupportedRope(RuntimeError):
-    pass
+class UnsupportedVLLMVersion(RuntimeError): ...
+class UnsupportedKVLayout(RuntimeError): ...
+class UnsupportedRope(RuntimeError): ...
 
 
 def vllm_version() -> str:
@@ -194,15 +185,10 @@ class _Penalised:
 
 
 def make_penalty_processor(key: str) -> type:
-    """A custom logits processor (vLLM's v1 interface, ``--logits-processors``) that applies
-    vLLM's own presence, frequency and repetition penalties (``apply_all_penalties``) to the
-    rows whose ``SamplingParams.extra_args[key]`` names the prompt and the earlier outputs
-    they stand for: ``{"prompt", "before", "repetition", "presence", "frequency"}``.
-
-    vLLM runs it with the other non-argmax-invariant processors, after the built-in ones
-    (min_tokens, logit_bias) and right before its own penalty step, which is where vLLM
-    applies penalties; the request itself carries neutral penalties, so the result is vLLM's
-    arithmetic over other token counts."""
+    """A v1 logits processor (``--logits-processors``) applying vLLM's own penalties
+    (``apply_all_penalties``) to rows whose ``extra_args[key]`` names the prompt and earlier
+    outputs they stand for (``prompt, before, repetition, presence, frequency``). vLLM runs
+    it right before its own penalty step; the request carries neutral penalties."""
     from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
     from vllm.v1.sample.logits_processor.builtin import process_dict_updates
     from vllm.v1.sample.ops.penalties import apply_all_penalties
@@ -397,6 +383,33 @@ def check_rerotation(rope: Any) -> None:
 
 
 # ---------------------------------------------------------------- scheduler and engine
+_HITS_CAPPED: list[Callable[[Any], int | None]] = []
+
+
+def cap_prefix_cache_hits(cap_for: Callable[[Any], int | None]) -> None:
+    """Wrap ``KVCacheManager.get_computed_blocks``: a request reads at most ``cap_for(
+    request)`` tokens (whole blocks) from the prefix cache, so that a scoring request computes
+    the queries of its scoring rows and still reads the rest of a repeated prompt."""
+    installed, _HITS_CAPPED[:] = bool(_HITS_CAPPED), [cap_for]  # the latest ``cap_for`` rules
+    if installed:
+        return
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    original = KVCacheManager.get_computed_blocks
+
+    def get_computed_blocks(self, request):  # type: ignore[no-untyped-def]
+        blocks, hit, boundary = original(self, request)
+        cap = _HITS_CAPPED[0](request) if hit else None
+        if cap is None or hit <= cap or len(blocks.blocks) != 1:
+            return blocks, hit, boundary
+        block_size = hit // len(blocks.blocks[0])
+        keep = cap // block_size
+        kept = self.create_kv_cache_blocks((list(blocks.blocks[0][:keep]),))
+        return kept, keep * block_size, min(boundary, keep * block_size)
+
+    KVCacheManager.get_computed_blocks = get_computed_blocks
+
+
 def block_pool_stats(connector: Any) -> tuple[int, int] | None:
     """(free blocks, all blocks) of the KV pool, from a scheduler-side KV connector."""
     pool = getattr(getattr(connector, "_kv_cache_manager", None), "block_pool", None)
@@ -412,8 +425,7 @@ class KVGeometry:
 
 
 def kv_pool_blocks(engine: Any) -> int | None:
-    """Blocks in an ``AsyncLLM``'s KV pool, block 0 (vLLM's null block) included; None
-    before the engine has sized its cache."""
+    """Blocks in an ``AsyncLLM``'s KV pool, null block 0 included (None before sizing)."""
     cache = getattr(getattr(engine, "vllm_config", None), "cache_config", None)
     return getattr(cache, "num_gpu_blocks", None)
 
@@ -429,10 +441,8 @@ def kv_geometry(engine: Any) -> KVGeometry:
 
 
 def generation_defaults(engine: Any) -> dict[str, Any]:
-    """The sampling defaults an ``AsyncLLM``'s checkpoint sets (``generation_config.json``,
-    or the engine's ``--generation-config`` / overrides), as vLLM's OpenAI serving code reads
-    them for every request (``ModelConfig.get_diff_sampling_param``); empty without a model
-    config."""
+    """The sampling defaults of an ``AsyncLLM``'s checkpoint (``generation_config.json`` or
+    overrides), as vLLM's OpenAI serving reads them (``get_diff_sampling_param``)."""
     model = getattr(engine, "model_config", None)
     return dict(model.get_diff_sampling_param()) if model is not None else {}
 
@@ -458,8 +468,7 @@ def scheduler_view(stats: Any) -> SchedulerView:
 
 
 def engine_pids(engine: Any) -> list[int]:
-    """PIDs of an ``AsyncLLM``'s engine-core processes (``engine_core.resources.
-    engine_manager.processes``); empty when the engine runs in-process or the layout moved."""
+    """PIDs of an ``AsyncLLM``'s engine-core processes (empty when in-process)."""
     manager = getattr(getattr(getattr(engine, "engine_core", None), "resources", None),
                       "engine_manager", None)
     return [p.pid for p in getattr(manager, "processes", None) or [] if p.pid is not None]

@@ -83,3 +83,24 @@ class ScoringSpec:
     @property
     def seq_len(self) -> int:
         return self.prompt_len + self.n_draft
+
+    def scoring_rows(self, kind: str) -> range:
+        """Positions whose queries the scores need: the policy's ``kv_rows`` for
+        :data:`KV_COMPACTION_KEY`, its ``prompt_rows`` for :data:`PROMPT_SCORES_KEY`."""
+        p = self.policy
+        if kind == KV_COMPACTION_KEY:
+            return p.kv_rows(self.prompt_len, self.n_draft)
+        return p.prompt_rows(self.prompt_len, self.n_draft)
+
+
+def prefix_cache_cap(extra_args: dict[str, Any] | None) -> int | None:
+    """How many leading tokens a flagged request may read from the prefix cache: those before
+    its first scoring row, whose query it must compute (None: not flagged, or no rows score).
+    Why: a hit over the scoring rows used to cost a second prefill of the whole prompt
+    without the cache; capped, a repeated document (the next turn of a conversation) is still
+    read from the cache and only the tail from the first scoring row on is recomputed."""
+    for kind in (KV_COMPACTION_KEY, PROMPT_SCORES_KEY):
+        if extra_args and kind in extra_args:
+            rows = ScoringSpec.from_extra(extra_args[kind]).scoring_rows(kind)
+            return rows.start if len(rows) else None
+    return None

@@ -320,6 +320,55 @@ def test_block_pool_stats() -> None:
     assert vllm_compat.block_pool_stats(SimpleNamespace(_kv_cache_manager=None)) is None
 
 
+def test_cap_prefix_cache_hits() -> None:
+    """A real KVCacheManager: a prompt of 100 tokens cached in 16-token blocks gives a second
+    identical request 96 tokens of hits; capped at 40 it reads 2 whole blocks (32 tokens),
+    the same blocks as the uncapped lookup's first two; requests without a cap, or with a cap
+    beyond the hit, are untouched; the uncached path (caching off) is untouched too."""
+    from vllm import SamplingParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.request import Request
+
+    bs = 16
+    init_none_hash(sha256)
+    spec = FullAttentionSpec(block_size=bs, num_kv_heads=1, head_size=8, dtype=torch.float32)
+    config = KVCacheConfig(num_blocks=64, kv_cache_tensors=[],
+                           kv_cache_groups=[KVCacheGroupSpec(["l0"], spec)])
+    hasher = get_request_block_hasher(bs, sha256)
+
+    def request(rid: str, cap: int | None = None) -> Request:
+        extra = {"cap": cap} if cap is not None else None
+        return Request(rid, list(range(100)), SamplingParams(max_tokens=4, extra_args=extra),
+                       None, block_hasher=hasher)
+
+    previous = list(vllm_compat._HITS_CAPPED)
+    vllm_compat.cap_prefix_cache_hits(
+        lambda r: (r.sampling_params.extra_args or {}).get("cap"))
+    try:
+        manager = KVCacheManager(config, max_model_len=1024, scheduler_block_size=bs,
+                                 hash_block_size=bs, enable_caching=True)
+        first = request("a")
+        blocks, hit, _ = manager.get_computed_blocks(first)
+        assert hit == 0
+        manager.allocate_slots(first, 100, hit, blocks)
+        manager.free(first)
+        full, hit, _ = manager.get_computed_blocks(request("b"))
+        assert hit == 96 and len(full.blocks[0]) == 6
+        for cap, want in [(40, 32), (32, 32), (31, 16), (0, 0), (96, 96), (500, 96)]:
+            capped, hit, boundary = manager.get_computed_blocks(request(f"c{cap}", cap))
+            assert hit == want and boundary == 0, cap
+            assert [b.block_id for b in capped.blocks[0]] == [
+                b.block_id for b in full.blocks[0][: want // bs]]
+        off = KVCacheManager(config, max_model_len=1024, scheduler_block_size=bs,
+                             hash_block_size=bs, enable_caching=False)
+        assert off.get_computed_blocks(request("d", 40))[1] == 0
+    finally:
+        vllm_compat._HITS_CAPPED[:] = previous or [lambda r: None]
+
+
 def _fake_engine(num_blocks: int | None = 100):
     from vllm.config.cache import CacheConfig
 

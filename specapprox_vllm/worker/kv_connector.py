@@ -32,7 +32,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from specapprox_vllm import vllm_compat
-from specapprox_vllm.wire import LOAD_KEY, REPORT_KEY
+from specapprox_vllm.wire import LOAD_KEY, REPORT_KEY, prefix_cache_cap
 from specapprox_vllm.worker import kv_compaction
 
 log = logging.getLogger("specapprox.kv_connector")
@@ -49,6 +49,11 @@ def _load_params(request: Any) -> dict[str, Any] | None:
     return params if LOAD_KEY in params else None
 
 
+def _scoring_hit_cap(request: Any) -> int | None:
+    return prefix_cache_cap(getattr(getattr(request, "sampling_params", None), "extra_args",
+                                    None))
+
+
 class SpecApproxConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None):
         super().__init__(vllm_config, role, kv_cache_config)
@@ -57,6 +62,9 @@ class SpecApproxConnector(KVConnectorBase_V1):
         self._frees: list[str] = []
         self._reports: dict[str, dict[str, Any]] = {}
         self._failed_blocks: set[int] = set()
+        if role == KVConnectorRole.SCHEDULER:
+            # Scoring requests read the prefix cache only up to their first scoring row.
+            vllm_compat.cap_prefix_cache_hits(_scoring_hit_cap)
 
     # ---------------------------------------------------------- scheduler side (EngineCore)
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int
