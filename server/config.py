@@ -107,6 +107,9 @@ class ServerSection(_Strict):
     cors_allowed_origins: list[str] = Field(
         default_factory=list, description="origins allowed cross-origin browser access "
         "(empty: CORS off)")
+    prompt_tokens_details: bool = Field(
+        True, description="report usage.prompt_tokens_details.cached_tokens (the prompt "
+        "tokens vLLM's prefix cache served; vLLM's --enable-prompt-tokens-details)")
 
 
 def _module_spec(spec: str, base: Path = PROJECT_ROOT) -> str:

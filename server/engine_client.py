@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,8 @@ class RequestApprox:
     stats: list[ApproxStats] = field(default_factory=list)
     # the target requests it streams from: what a deadline aborts explicitly (abort_requests)
     engine_requests: list[str] = field(default_factory=list)
+    # perf_counter() when the first generated token reached the API process (TTFT metric)
+    first_token_at: float | None = None
 
 
 CURRENT_REQUEST: contextvars.ContextVar[RequestApprox | None] = contextvars.ContextVar(
@@ -68,6 +71,16 @@ class ApproxEngineClient:
         self, prompt: Any, sampling_params: Any, request_id: str, **kwargs: Any
     ) -> AsyncGenerator[Any, None]:
         ctx = CURRENT_REQUEST.get()
+        async for out in self._generate(ctx, prompt, sampling_params, request_id, **kwargs):
+            if ctx is not None and ctx.first_token_at is None and \
+                    any(o.token_ids for o in out.outputs):
+                ctx.first_token_at = time.perf_counter()
+            yield out
+
+    async def _generate(
+        self, ctx: RequestApprox | None, prompt: Any, sampling_params: Any, request_id: str,
+        **kwargs: Any
+    ) -> AsyncGenerator[Any, None]:
         cfg = ctx.config if ctx is not None else self.default_config
         token_ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
         if token_ids is None:
@@ -128,6 +141,8 @@ class ApproxEngineClient:
         async for out in self.target.generate(target_prompt, params, request_id, **kwargs):
             if out.finished and plan.on_output is not None:
                 plan.on_output(out)
+            if plan.cached_tokens is not None:  # usage.prompt_tokens_details.cached_tokens
+                out.num_cached_tokens = plan.cached_tokens
             if target_prompt is not prompt:
                 out.prompt_token_ids = list(token_ids)  # a copy per output
                 if prompt.get("prompt") is not None:

@@ -65,6 +65,8 @@ def vllm_server_args(cfg: ServerConfig) -> argparse.Namespace:
         "--disable-uvicorn-access-log",
         "--allowed-origins", json.dumps(cfg.server.cors_allowed_origins),
     ]
+    if cfg.server.prompt_tokens_details:
+        flags.append("--enable-prompt-tokens-details")
     args = serve_arg_parser().parse_args(flags)
     validate_serve_args(args)
     return args

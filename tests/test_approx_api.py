@@ -101,6 +101,25 @@ def test_flat_vllm_xargs_and_precedence() -> None:
     assert s["config"]["prompt_budget"] == 1500 and "vllm_xargs" not in s["body"]
 
 
+def test_ratio_budgets_flat_and_nested() -> None:
+    """``approx_kv_ratio`` in ``vllm_xargs`` is the same key; a request's ratio replaces the
+    served absolute budget (YAML), and a ratio plus a budget across ``approx`` and the flat
+    keys is one request giving both (400)."""
+    c = make_client()
+    s = seen(chat(c, extra_body={"vllm_xargs": {"approx_method": "speckv",
+                                                "approx_kv_ratio": 0.1}}))
+    assert s["config"]["kv_ratio"] == 0.1 and s["config"]["method"] == "speckv"
+    s = seen(chat(c, extra_body={"approx": {"method": "speckv_pc", "prompt_ratio": 0.25,
+                                            "kv_budget": 64}}))
+    assert s["config"]["prompt_ratio"] == 0.25 and s["config"]["kv_budget"] == 64
+    assert "kv_ratio" not in s["config"]
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(c, extra_body={"vllm_xargs": {"approx_kv_budget": 64},
+                            "approx": {"method": "speckv", "kv_ratio": 0.1}})
+    assert e.value.body["param"] == "approx.kv_ratio"
+    assert "kv_budget" in e.value.body["message"]
+
+
 def test_default_method_applies_when_no_approx_is_given() -> None:
     s = seen(chat(make_client()))
     assert s["config"]["method"] == "none"
@@ -114,6 +133,13 @@ def test_default_method_applies_when_no_approx_is_given() -> None:
     ({"method": "speckv", "typo_key": 1}, "approx.typo_key"),
     ({"method": 3}, "approx.method"),
     ("speckv", "approx"),
+    # ratio budgets (API.md): in (0, 1], one per stage, only where the method has the budget
+    ({"method": "speckv", "kv_ratio": 0.1, "kv_budget": 256}, "approx.kv_ratio"),
+    ({"method": "specpc", "prompt_ratio": 0.2, "prompt_budget": 900}, "approx.prompt_ratio"),
+    ({"method": "speckv", "kv_ratio": 0}, "approx.kv_ratio"),
+    ({"method": "speckv", "kv_ratio": 1.5}, "approx.kv_ratio"),
+    ({"method": "specpc", "kv_ratio": 0.1}, "approx.kv_ratio"),
+    ({"method": "none", "prompt_ratio": 0.5}, "approx.prompt_ratio"),
 ])
 def test_bad_settings_get_openai_400_naming_the_field(approx, param: str) -> None:
     with pytest.raises(openai.BadRequestError) as e:

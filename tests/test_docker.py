@@ -178,7 +178,7 @@ def test_compose_is_schema_valid(files: list[Path]) -> None:
         merged = merge(merged, doc)
     jsonschema.validate(merged, COMPOSE_SCHEMA)
     services = merged["services"]
-    assert set(services) == {"server", "loadtest", "prometheus"}
+    assert set(services) == {"server", "loadtest", "prometheus", "grafana"}
     for svc in services.values():
         assert "image" in svc or "build" in svc
         for dep in svc.get("depends_on", {}):
@@ -225,6 +225,42 @@ def test_compose_server_loadtest_and_prometheus_rules() -> None:
     scrape = yaml.safe_load((DOCKER / "prometheus.yml").read_text())["scrape_configs"][0]
     assert scrape["metrics_path"] == "/metrics"
     assert scrape["static_configs"][0]["targets"] == [f"server:{port}"]
+
+
+def test_grafana_is_provisioned_with_the_dashboard_and_its_data_source() -> None:
+    """The monitoring profile's Grafana loads docker/grafana/dashboards/*.json through the
+    provider's path, and every panel names the provisioned data source (which points at the
+    compose Prometheus). The queries themselves are checked against a live server in
+    tests/test_metrics.py."""
+    s = load_compose(COMPOSE)["services"]
+    graf, prom = s["grafana"], s["prometheus"]
+    assert graf["profiles"] == ["monitoring"]
+    assert graf["depends_on"] == {"prometheus": {"condition": "service_healthy"}}
+    mounts = {v.split(":")[1]: (DOCKER / v.split(":")[0]).resolve()
+              for v in graf["volumes"] if v.startswith(".")}
+    prov = mounts["/etc/grafana/provisioning"]
+    (source,) = yaml.safe_load((prov / "datasources" / "prometheus.yml").read_text())[
+        "datasources"]
+    prom_port = prom["ports"][0].rsplit(":", 1)[1]
+    assert source["type"] == "prometheus" and source["url"] == f"http://prometheus:{prom_port}"
+    (provider,) = yaml.safe_load((prov / "dashboards" / "specapprox.yml").read_text())[
+        "providers"]
+    folder = mounts[provider["options"]["path"]]
+    dashboards = sorted(folder.glob("*.json"))
+    assert [d.name for d in dashboards] == ["specapprox.json"]
+    home = graf["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (folder / Path(home).relative_to(provider["options"]["path"])).is_file()
+    dash = json.loads(dashboards[0].read_text())
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    used = {p["datasource"]["uid"] for p in dash["panels"]}
+    used |= {t["datasource"]["uid"] for p in dash["panels"] for t in p["targets"]}
+    used |= {v["datasource"]["uid"] for v in dash["templating"]["list"]}
+    assert used == {source["uid"]}
+    titles = " | ".join(p["title"].lower() for p in dash["panels"])
+    for topic in ("requests", "latency", "first token", "kept fraction", "kv-cache blocks",
+                  "draft time", "selection time", "queue depth", "errors by status"):
+        assert topic in titles, topic
 
 
 def test_commands_match_the_clis() -> None:

@@ -9,6 +9,7 @@ responses (status, ``usage.approx``) say.
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import httpx
@@ -233,3 +234,79 @@ def test_live_metrics_move_by_what_the_responses_say(live_server: ServerProcess)
     assert ("specapprox_engine_queue_depth", (("engine", "target"),)) in during
     engines = {dict(k[1])["engine"] for k in during if k[0] == "specapprox_engine_kv_blocks"}
     assert "target" in engines and engines <= {"target", "draft"}
+
+
+# ---------------------------------------------------------------- the Grafana dashboard
+
+DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "specapprox.json"
+_SERIES = re.compile(r"\b(specapprox_[a-z_]+|vllm:[a-z_:]+)")
+_BY = re.compile(r"\bby \(([^)]*)\)")
+_MATCHER = re.compile(r"([a-z_]+)\s*=~?\s*\"")
+
+
+def dashboard_queries() -> list[str]:
+    """Every PromQL text of the dashboard: the panels' targets and the variables' queries."""
+    dash = json.loads(DASHBOARD.read_text())
+    out = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    for var in dash["templating"]["list"]:
+        query = var.get("query")
+        out.append(query["query"] if isinstance(query, dict) else query)
+    return out
+
+
+def query_needs(expr: str) -> tuple[set[str], set[str]]:
+    """(series names, label names) that a query reads; ``le`` comes with every histogram."""
+    names = set(_SERIES.findall(expr))
+    labels = {x.strip() for m in _BY.findall(expr) for x in m.split(",") if x.strip()}
+    labels |= set(_MATCHER.findall(expr))
+    if expr.startswith("label_values("):
+        labels.add(expr.rstrip(")").rsplit(",", 1)[1].strip())
+    return names, labels - {"le"}
+
+
+def test_dashboard_query_parser_finds_names_and_labels() -> None:
+    """The parser the live check relies on, on a query written out by hand."""
+    names, labels = query_needs(
+        'histogram_quantile(0.5, sum by (le, method) (rate(specapprox_draft_seconds_bucket'
+        '{method=~"$method",status="2xx"}[5m]))) / sum(vllm:generation_tokens_total)')
+    assert names == {"specapprox_draft_seconds_bucket", "vllm:generation_tokens_total"}
+    assert labels == {"method", "status"}
+    assert query_needs("label_values(specapprox_requests_total, method)") == (
+        {"specapprox_requests_total"}, {"method"})
+    assert len(dashboard_queries()) >= 15
+
+
+@pytest.mark.server
+@pytest.mark.timeout(900)
+def test_grafana_dashboard_queries_name_exported_series(live_server: ServerProcess) -> None:
+    """Issue 20: every query of docker/grafana/dashboards/specapprox.json reads series (and
+    labels) that this server exports once it has served real requests: a full-attention chat,
+    a SpecKV request that compresses its KV (draft, selection, kept fraction), a streamed
+    completion and a rejected request."""
+    url = live_server.base_url
+    prompt = "Tell me about the sea and the ships that sail on it. " * 20
+    with httpx.Client(base_url=url, timeout=600) as c:
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 16, "temperature": 0}
+        assert c.post("/v1/chat/completions", json=chat).status_code == 200
+        r = c.post("/v1/chat/completions", json={**chat, "approx": {
+            "method": "speckv", "kv_budget": 64, "window": 16, "lookahead": 4}})
+        assert r.status_code == 200 and r.json()["usage"]["approx"]["applied"] is True
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 8,
+                                            "stream": True})
+        assert r.status_code == 200
+        assert c.post("/v1/chat/completions", json={**chat, "approx": {
+            "method": "bogus"}}).status_code == 400
+    exported: dict[str, set[str]] = {}
+    for (name, labels), _ in scrape(url).items():
+        exported.setdefault(name, set()).update(k for k, _ in labels)
+    missing = []
+    for expr in dashboard_queries():
+        names, labels = query_needs(expr)
+        assert names, f"no series named in {expr!r}"
+        for name in names:
+            if name not in exported:
+                missing.append((name, expr))
+        have = set().union(*(exported.get(n, set()) for n in names))
+        missing += [(f"label {lab}", expr) for lab in labels - have]
+    assert not missing, missing

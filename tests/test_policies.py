@@ -428,3 +428,4 @@ def test_cuda_matches_cpu() -> None:
         s = _scores(gen, (300,), torch.float32)
         want = specpc_select(s, 64, 8, 7, 7)
         assert torch.equal(want, specpc_select(s.cuda(), 64, 8, 7, 7).cpu())
+

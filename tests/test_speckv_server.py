@@ -112,3 +112,71 @@ def test_kv_usage_returns_to_idle(client: openai.OpenAI, server, needle) -> None
     while _kv_usage(server.base_url) != 0.0 and time.time() < deadline:
         time.sleep(0.5)
     assert _kv_usage(server.base_url) == 0.0
+
+
+def test_ratio_budgets_on_a_4k_prompt(client: openai.OpenAI, server, tokenizer) -> None:
+    """API.md's ratio budgets through the real engines: ``kv_ratio: 0.1`` on a ~4k-token prompt
+    keeps round(0.1 L) entries per layer and KV head, ``usage.approx`` reports that budget,
+    the flat ``vllm_xargs`` spelling works too, and each request lands in the kept-fraction
+    histogram of its method (``specapprox_kept_fraction``) with its own share."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from specapprox_vllm.tools.eval.needle import make_needle_case
+
+    case = make_needle_case(tokenizer, 4000, seed=5, depth=0.4)
+
+    def fraction_sums() -> dict[str, tuple[float, float]]:
+        text = httpx.get(f"{server.base_url}/metrics", timeout=30).text
+        out: dict[str, list[float]] = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name in ("specapprox_kept_fraction_sum", "specapprox_kept_fraction_count"):
+                    out.setdefault(s.labels["method"], [0.0, 0.0])[
+                        s.name.endswith("_count")] = s.value
+        return {m: (v[0], v[1]) for m, v in out.items()}
+
+    before = fraction_sums()
+    resp = chat(client, case.messages, {"method": "speckv", "kv_ratio": 0.1, "lookahead": 8})
+    a = resp.usage.model_extra["approx"]
+    n = resp.usage.prompt_tokens
+    assert 3900 <= n <= 4100 and a["prompt_tokens_in"] == n
+    want = int(0.1 * n + 0.5)
+    assert a["applied"] is True and a["kv_budget"] == want and a["kv_entries_kept"] == want
+
+    flat = client.chat.completions.create(
+        model=MODEL, messages=case.messages, max_tokens=8, temperature=0,
+        extra_body={"vllm_xargs": {"approx_method": "snapkv", "approx_kv_ratio": 0.05}})
+    f = flat.usage.model_extra["approx"]
+    assert f["method"] == "snapkv" and f["kv_entries_kept"] == f["kv_budget"] == int(
+        0.05 * n + 0.5)
+
+    pc = chat(client, case.messages, {"method": "specpc", "prompt_ratio": 0.25})
+    p = pc.usage.model_extra["approx"]
+    assert p["prompt_budget"] == int(0.25 * n + 0.5) and p["applied"] is True
+    assert p["prompt_tokens_kept"] <= p["prompt_budget"]
+
+    after = fraction_sums()
+    moved = {m: (after[m][0] - before.get(m, (0.0, 0.0))[0],
+                 after[m][1] - before.get(m, (0.0, 0.0))[1]) for m in ("speckv", "snapkv",
+                                                                      "specpc")}
+    assert moved["speckv"] == pytest.approx((want / n, 1))
+    assert moved["snapkv"] == pytest.approx((f["kv_entries_kept"] / n, 1))
+    assert moved["specpc"] == pytest.approx((p["prompt_tokens_kept"] / n, 1))
+
+
+def test_prefix_cache_hits_are_reported_for_kv_methods(client: openai.OpenAI, needle) -> None:
+    """``usage.prompt_tokens_details.cached_tokens`` (on by default) counts the user's prompt
+    tokens the prefix cache served. For a KV method that is the scoring request's hits: a
+    repeated document is read from the cache up to the whole block before the first scoring
+    row ``L - W - 1`` (vLLM's CPU blocks are 128 tokens), and only the rest is computed; the
+    hits are not thrown away for a second, uncached prefill (which reported 0 before)."""
+    block, window = 128, 32  # configs/methods: speckv and snapkv score the last W + 1 rows
+    for approx, first_row in (
+            ({"method": "none"}, lambda n: n - 1),  # vLLM recomputes at least the last token
+            ({"method": "snapkv", "kv_budget": 128}, lambda n: n - window - 1),
+            ({"method": "speckv", "kv_budget": 128, "lookahead": 4}, lambda n: n - window - 1)):
+        chat(client, needle.messages, approx)  # warm: the document is now cached
+        again = chat(client, needle.messages, approx)
+        n = again.usage.prompt_tokens
+        cached = again.usage.prompt_tokens_details.cached_tokens
+        assert cached == first_row(n) // block * block, (approx, cached, n)

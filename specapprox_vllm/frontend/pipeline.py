@@ -185,7 +185,7 @@ class MethodPipeline:
         if handle.indices is not None:
             extra["kv_indices"] = handle.indices
         return Plan(ids, stats, extra=extra, sampling_params=params, cache_salt=salt,
-                    on_output=on_output, release=release)
+                    on_output=on_output, release=release, cached_tokens=handle.cached_tokens)
 
 
 def build_scheduler(target: Any, draft: Any | None, draft_timeout_s: float | None = None,

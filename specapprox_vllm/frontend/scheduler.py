@@ -50,12 +50,24 @@ class ApproxStats:
     # where the lookahead D came from: "self" (the answer's own first tokens, streamed),
     # "target" (a greedy run on the target engine), "draft" (the draft engine)
     lookahead_source: str | None = None
+    # the budgets applied to this prompt (a ratio resolved against its length); omitted for
+    # a method without that budget
+    kv_budget: int | None = None
+    prompt_budget: int | None = None
     # KV-compressing methods only (omitted otherwise):
     score_ms: float | None = None  # the target's scoring request (prefill of P + D), wall
     kv_blocks_before: int | None = None  # KV blocks the served prompt would hold uncompressed
     kv_blocks_after: int | None = None  # blocks the decode request held at admission (engine)
     kv_bytes_saved: int | None = None  # (before - after) blocks, in bytes of the target's KV
     kv_loads: int | None = None  # compacted-KV loads (> 1: preempted and reloaded)
+
+    @property
+    def kept_fraction(self) -> float:
+        """The share of the prompt the target kept: KV entries per layer and KV head when the
+        KV was compressed, else prompt tokens (1.0 when nothing was dropped)."""
+        kept = self.kv_entries_kept if self.kv_entries_kept is not None \
+            else self.prompt_tokens_kept
+        return kept / self.prompt_tokens_in if self.prompt_tokens_in else 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items()
@@ -94,6 +106,9 @@ class Plan:
     on_output: Callable[[Any], None] | None = None
     release: Callable[[], Awaitable[None]] | None = None
     lookahead: Lookahead | None = None
+    # the user's prompt tokens the prefix cache served (the scoring request's hits), which
+    # the outputs report as ``num_cached_tokens`` instead of the decode request's own
+    cached_tokens: int | None = None
 
 
 class DraftScheduler:
@@ -137,6 +152,17 @@ class DraftScheduler:
             self.pipeline.check(build_policy(cfg))
 
     async def plan(
+        self, prompt_token_ids: list[int], sampling_params: Any, cfg: ApproxConfig,
+        request_id: str,
+    ) -> Plan:
+        n = len(prompt_token_ids)
+        cfg = cfg.for_prompt(n)  # ratios become budgets here, once the prompt is known
+        plan = await self._plan(prompt_token_ids, sampling_params, cfg, request_id)
+        for key, value in cfg.budgets().items():
+            setattr(plan.stats, key, value)
+        return plan
+
+    async def _plan(
         self, prompt_token_ids: list[int], sampling_params: Any, cfg: ApproxConfig,
         request_id: str,
     ) -> Plan:

@@ -35,20 +35,96 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 from torch import Tensor
 
 from .ops import grouped_window_scores, window_probs
 
-__all__ = ["MethodConfig", "Policy", "check_budget"]
+__all__ = ["RATIO_KEYS", "MethodConfig", "Policy", "check_budget"]
+
+#: Each ratio key and the absolute budget it stands for (API.md: ``kv_ratio``,
+#: ``prompt_ratio``). A method has the ratio exactly when it has the budget.
+RATIO_KEYS: dict[str, str] = {"kv_ratio": "kv_budget", "prompt_ratio": "prompt_budget"}
 
 
 class MethodConfig(BaseModel):
     """Validated settings of one method. Unknown keys are rejected (``extra="forbid"``), so a
-    typo never silently falls back to a default; every error names its field."""
+    typo never silently falls back to a default; every error names its field.
+
+    A budget may be given as a fraction of the prompt (``kv_ratio`` for ``kv_budget``,
+    ``prompt_ratio`` for ``prompt_budget``): a client then need not know the prompt's token
+    count. The ratio stays a ratio until the prompt is known; :meth:`for_prompt` turns it into
+    the absolute budget the policy and the workers use, so that nothing downstream of the
+    scheduler ever sees a ratio."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     method: str
+    kv_ratio: float | None = Field(
+        None, gt=0, le=1, description="kv_budget as a fraction of the prompt's tokens (rounded)")
+    prompt_ratio: float | None = Field(
+        None, gt=0, le=1, description="prompt_budget as a fraction of the prompt's tokens")
+    # budget name -> the least it may be (its always-kept window), for ratio budgets
+    _floors: dict[str, int] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _ratios_have_budgets(self) -> MethodConfig:
+        for ratio, budget in RATIO_KEYS.items():
+            if getattr(self, ratio) is not None and budget not in type(self).model_fields:
+                raise ValueError(f"{ratio} is not a setting of method {self.method} "
+                                 f"(it has no {budget})")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_ratios(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A budget given absolutely dumps as before: the ratio keys appear only when set.
+        out = handler(self)
+        for ratio in RATIO_KEYS:
+            if ratio in out and out[ratio] is None:
+                del out[ratio]
+        return out
+
+    def check_budget(self, budget_name: str, window_name: str) -> None:
+        """:func:`check_budget` for this config's fields. A budget given as a ratio is checked
+        when it is resolved (:meth:`for_prompt` never goes below the window)."""
+        window = getattr(self, window_name)
+        if self.ratio_for(budget_name) is not None:
+            self._floors[budget_name] = window
+            return
+        check_budget(getattr(self, budget_name), budget_name, window, window_name)
+
+    def ratio_for(self, budget_name: str) -> float | None:
+        """The ratio this config gives for ``budget_name``, if any."""
+        return next((getattr(self, r) for r, b in RATIO_KEYS.items() if b == budget_name), None)
+
+    def budgets(self) -> dict[str, int]:
+        """The absolute budgets this method has (``kv_budget``, ``prompt_budget``)."""
+        return {b: getattr(self, b) for b in RATIO_KEYS.values() if b in type(self).model_fields}
+
+    def for_prompt(self, prompt_len: int) -> MethodConfig:
+        """These settings for a prompt of ``prompt_len`` tokens: each ratio becomes its
+        budget, ``ratio * L`` rounded half up, and never below what the method must keep
+        (its window, and 1). The result carries no ratio: it is an ordinary config, which is
+        what the policy, the workers (through :mod:`specapprox_vllm.wire`) and
+        ``usage.approx`` see."""
+        updates: dict[str, Any] = {}
+        for ratio, budget in RATIO_KEYS.items():
+            r = getattr(self, ratio)
+            if r is not None:
+                updates[budget] = max(int(r * prompt_len + 0.5), self._floors.get(budget, 0), 1)
+                updates[ratio] = None
+        if not updates:
+            return self
+        resolved = self.model_copy(update=updates)
+        resolved._floors = {}  # no ratio left: equal to the same settings given absolutely
+        return resolved
 
 
 def check_budget(budget: int, budget_name: str, window: int, window_name: str) -> None:

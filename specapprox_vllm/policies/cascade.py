@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .base import MethodConfig, check_budget
+from .base import MethodConfig
 from .registry import register_policy
 from .speckv import SpecKVStage, resolve_lookahead
 from .specpc import SpecPCStage
@@ -46,8 +46,8 @@ class SpecKVPCConfig(MethodConfig):
 
     @model_validator(mode="after")
     def _check(self) -> SpecKVPCConfig:
-        check_budget(self.prompt_budget, "prompt_budget", self.pc_window, "pc_window")
-        check_budget(self.kv_budget, "kv_budget", self.window, "window")
+        self.check_budget("prompt_budget", "pc_window")
+        self.check_budget("kv_budget", "window")
         return self
 
 

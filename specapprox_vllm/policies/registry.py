@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from .base import MethodConfig, Policy
+from .base import RATIO_KEYS, MethodConfig, Policy
 
 __all__ = [
     "POLICIES",
@@ -83,6 +83,9 @@ def make_approx_config(
 ) -> MethodConfig:
     """Validated settings of ``method``: class defaults < ``defaults`` (YAML) < ``overrides``.
 
+    A ratio (``kv_ratio``) replaces the absolute budget it stands for (``kv_budget``) of a
+    lower source, and the other way round; both in one source is an error naming the ratio.
+
     Raises:
         ValueError: unknown method, or an override's ``method`` contradicting ``method``
             (the message names ``method``).
@@ -99,7 +102,18 @@ def make_approx_config(
         given = src.get("method", method)
         if given != method:
             raise ValueError(f"method: {given!r} given where {method!r} was selected")
-        merged.update({k: v for k, v in src.items() if k != "method"})
+        keys = {k: v for k, v in src.items() if k != "method"}
+        for ratio, budget in RATIO_KEYS.items():
+            # One stage, one budget: a ratio and an absolute budget from the same source
+            # contradict each other; from different sources the later one replaces the other
+            # (a request's kv_ratio overrides the served kv_budget, and the other way round).
+            if keys.get(ratio) is not None and keys.get(budget) is not None:
+                raise ValueError(f"{ratio}: give {ratio} or {budget}, not both")
+            if keys.get(ratio) is not None:
+                merged.pop(budget, None)
+            elif keys.get(budget) is not None:
+                merged.pop(ratio, None)
+        merged.update(keys)
     return POLICIES[method].config_cls(method=method, **merged)
 
 

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .base import MethodConfig, check_budget
+from .base import MethodConfig
 from .registry import register_policy
 from .speckv import SpecKVPolicy
 
@@ -29,7 +29,7 @@ class SnapKVConfig(MethodConfig):
 
     @model_validator(mode="after")
     def _check(self) -> SnapKVConfig:
-        check_budget(self.kv_budget, "kv_budget", self.window, "window")
+        self.check_budget("kv_budget", "window")
         return self
 
 

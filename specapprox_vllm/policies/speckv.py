@@ -20,7 +20,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from .base import MethodConfig, Policy, check_budget
+from .base import MethodConfig, Policy
 from .ops import grouped_window_scores, pool1d, topk_desc
 from .registry import register_policy
 
@@ -49,7 +49,7 @@ class SpecKVConfig(MethodConfig):
 
     @model_validator(mode="after")
     def _check(self) -> SpecKVConfig:
-        check_budget(self.kv_budget, "kv_budget", self.window, "window")
+        self.check_budget("kv_budget", "window")
         return self
 
     def resolve_lookahead(self, max_tokens: int | None) -> int:

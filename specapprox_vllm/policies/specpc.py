@@ -28,7 +28,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from .base import MethodConfig, Policy, check_budget
+from .base import MethodConfig, Policy
 from .ops import first_occurrences, pool1d, topk_desc, window_probs
 from .registry import register_policy
 
@@ -59,7 +59,7 @@ class SpecPCConfig(MethodConfig):
 
     @model_validator(mode="after")
     def _check(self) -> SpecPCConfig:
-        check_budget(self.prompt_budget, "prompt_budget", self.window, "window")
+        self.check_budget("prompt_budget", "window")
         return self
 
 

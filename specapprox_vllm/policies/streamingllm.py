@@ -16,7 +16,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from .base import MethodConfig, Policy, check_budget
+from .base import MethodConfig, Policy
 from .registry import register_policy
 
 __all__ = ["StreamingLLMConfig", "StreamingLLMPolicy", "streamingllm_select"]
@@ -31,7 +31,7 @@ class StreamingLLMConfig(MethodConfig):
 
     @model_validator(mode="after")
     def _check(self) -> StreamingLLMConfig:
-        check_budget(self.kv_budget, "kv_budget", self.sink_tokens, "sink_tokens")
+        self.check_budget("kv_budget", "sink_tokens")
         return self
 
 
