@@ -124,12 +124,14 @@ async def test_self_draft_equals_the_referee(referee, tokenizer) -> None:
         assert [t for toks, _, _ in outs for t in toks] == final
         assert len(outs) > 2  # the lookahead's tokens came before the continuation's
 
-        # An exact repeat whose scoring rows reach back into cached full blocks: the
-        # lookahead cannot score them, so P + D is scored again without the cache.
+        # An exact repeat whose scoring rows reach back into cached full blocks: the target
+        # reads the cache only up to the block before the first scoring row (L - W - 1), so
+        # the lookahead scores them itself; no second prefill without the cache.
         aligned = ids[: 11 * 128 + 10]
         first, _, kept1, _ = await serve(client, aligned, cfg, greedy, "a1")
         again, _, kept2, _ = await serve(client, aligned, cfg, greedy, "a2")
-        assert client.plans["a2"].extra["kv_retried"]
+        assert not client.plans["a2"].extra["kv_retried"]
+        assert client.plans["a2"].cached_tokens == (len(aligned) - cfg.window - 1) // 128 * 128
         assert again == first and torch.equal(kept1, kept2)
 
         # An answer that fits in the lookahead is full attention.

@@ -28,7 +28,8 @@ from typing import Any
 
 from specapprox_vllm.tools.eval.needle import _ADJ, _NOUNS, _sentence
 
-__all__ = ["TASKS", "EvalCase", "make_case", "string_match_all"]
+__all__ = ["TASKS", "EvalCase", "build_haystack", "count_tokens", "make_case", "random_key",
+           "random_number", "string_match_all"]
 
 _NAMES = ("Alice Moreau", "Bruno Keller", "Chen Wei", "Dara Singh", "Elena Rossi",
           "Farid Haddad", "Greta Olsen", "Hugo Lambert", "Ines Duarte", "Jonas Berg",
@@ -94,6 +95,15 @@ def _haystack(rng: random.Random, tokenizer: Any, budget: int, inserts: list[str
     for offset, (spot, text) in enumerate(zip(spots, inserts, strict=True)):
         sentences.insert(spot + offset, text)
     return " ".join(sentences)
+
+
+# Public names for the helpers other case builders share (tools.eval.multiturn builds its
+# haystack and needles with exactly these, so its cases read like these); the underscored
+# names stay, for this module and for anything that already imports them.
+count_tokens = _count
+random_key = _key
+random_number = _number
+build_haystack = _haystack
 
 
 TaskFn = Callable[[random.Random], tuple[list[str], str, tuple[str, ...], int]]
