@@ -214,7 +214,11 @@ async def test_serve_conversation_streams_turns_with_own_replies(tok, fail_on) -
     bar.update = lambda k: setattr(bar, "n", bar.n + k)
     await serve_conversation(client, args, case, Setting("speckv", 128), 1, recs.append, bar)
     assert bar.n == 3  # the turns a failure skips are counted as done
-    assert fake.sent[0]["extra_body"] == {"approx": {"method": "speckv", "kv_budget": 128}}
+    body = fake.sent[0]["extra_body"]
+    assert body["approx"] == {"method": "speckv", "kv_budget": 128}
+    # one cache_salt per conversation, the same on every turn: turn 1 starts cold
+    assert {s["extra_body"]["cache_salt"] for s in fake.sent} == {body["cache_salt"]}
+    assert body["cache_salt"].startswith("multiturn-")
     assert fake.sent[0]["stream"] is True and fake.sent[0]["temperature"] == 0.0
     if fail_on is None:
         assert [m["content"] for m in fake.sent[2]["messages"][1::2]] == ["reply 1", "reply 2"]

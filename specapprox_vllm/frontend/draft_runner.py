@@ -89,15 +89,18 @@ class DraftRunner:
 
     async def _generate(self, prompt_ids: list[int], max_tokens: int, request_id: str,
                         extra_args: dict[str, Any] | None = None,
-                        skip_reading_prefix_cache: bool = False) -> list[int]:
+                        skip_reading_prefix_cache: bool = False,
+                        cache_salt: str | None = None) -> list[int]:
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, extra_args=extra_args,
                                 skip_reading_prefix_cache=skip_reading_prefix_cache,
                                 detokenize=False, **self.sampling_defaults)
         final = None
-        async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, params,
-                                              request_id):
+        prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids}
+        if cache_salt is not None:  # the user's: the draft shares cache only where they may
+            prompt["cache_salt"] = cache_salt
+        async for out in self.engine.generate(prompt, params, request_id):
             final = out
         if final is None or not final.outputs:
             raise DraftError(f"draft request {request_id} produced no output")
@@ -113,14 +116,14 @@ class DraftRunner:
             await self._pop(key)
 
     async def score_prompt(self, prompt_ids: list[int], policy: Policy, lookahead: int,
-                           request_id: str) -> DraftResult:
+                           request_id: str, cache_salt: str | None = None) -> DraftResult:
         """Draft ``lookahead`` greedy tokens from ``prompt_ids`` and score the prompt with
         ``policy``'s hooks."""
         return await self._guarded(self._score_prompt(prompt_ids, policy, lookahead,
-                                                      request_id))
+                                                      request_id, cache_salt))
 
     async def _score_prompt(self, prompt_ids: list[int], policy: Policy, lookahead: int,
-                            request_id: str) -> DraftResult:
+                            request_id: str, cache_salt: str | None = None) -> DraftResult:
         t0 = time.perf_counter()
         retried = False
         for skip_cache in (False, True):
@@ -129,7 +132,8 @@ class DraftRunner:
             try:
                 tokens = await self._generate(prompt_ids, lookahead,
                                               f"{request_id}-draft-{key}",
-                                              {PROMPT_SCORES_KEY: spec.to_extra()}, skip_cache)
+                                              {PROMPT_SCORES_KEY: spec.to_extra()}, skip_cache,
+                                              cache_salt)
             except BaseException:
                 await self._drop_capture(key)
                 raise
@@ -151,10 +155,11 @@ class DraftRunner:
         raise DraftError("draft prompt scores incomplete even without prefix caching")
 
     async def generate(self, prompt_ids: list[int], max_tokens: int,
-                       request_id: str) -> DraftResult:
+                       request_id: str, cache_salt: str | None = None) -> DraftResult:
         """Plain greedy draft tokens (SpecKV's lookahead), no capture."""
         t0 = time.perf_counter()
         tokens = await self._guarded(self._generate(prompt_ids, max_tokens,
-                                                    f"{request_id}-draft-{uuid.uuid4().hex}"))
+                                                    f"{request_id}-draft-{uuid.uuid4().hex}",
+                                                    cache_salt=cache_salt))
         return DraftResult(tokens, None, 1e3 * (time.perf_counter() - t0))
 

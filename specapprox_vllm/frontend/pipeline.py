@@ -65,7 +65,7 @@ class MethodPipeline:
                 and policy.draft_tokens(getattr(params, "max_tokens", None)) > 0)
 
     async def __call__(self, policy: Policy, prompt_ids: list[int], sampling_params: Any,
-                       request_id: str) -> Plan:
+                       request_id: str, cache_salt: str | None = None) -> Plan:
         if policy.compresses_kv and getattr(sampling_params, "prompt_logprobs", None) is not None:
             from vllm.exceptions import VLLMValidationError
 
@@ -76,14 +76,16 @@ class MethodPipeline:
         n_in = len(prompt_ids)
         stats = ApproxStats(policy.name, False, n_in, n_in)
         if self._streams_lookahead(policy, n_in, sampling_params):
-            return self._self_draft(policy, prompt_ids, sampling_params, request_id, stats)
+            return self._self_draft(policy, prompt_ids, sampling_params, request_id, stats,
+                                    cache_salt)
         served, draft_tokens = prompt_ids, []
         extra: dict[str, Any] = {}
         if policy.needs_draft:
             assert self.draft is not None
             n = policy.draft_tokens(getattr(sampling_params, "max_tokens", None))
             if policy.prompt_applies(n_in):
-                d = await self.draft.score_prompt(prompt_ids, policy, n, request_id)
+                d = await self.draft.score_prompt(prompt_ids, policy, n, request_id,
+                                                  cache_salt=cache_salt)
                 t0 = time.perf_counter()
                 idx = policy.select_prompt(d.score)
                 if idx is not None:
@@ -93,7 +95,7 @@ class MethodPipeline:
                 stats.select_ms = round(1e3 * (time.perf_counter() - t0), 3)
                 extra["draft_retried"] = d.retried_without_prefix_cache
             elif n > 0:
-                d = await self.draft.generate(prompt_ids, n, request_id)
+                d = await self.draft.generate(prompt_ids, n, request_id, cache_salt=cache_salt)
             else:
                 d = None
             if d is not None:
@@ -108,13 +110,14 @@ class MethodPipeline:
             return Plan(served, stats, extra=extra)
         assert self.target is not None
         handle = await self.target.compact(served, draft_tokens, policy, request_id,
-                                           self.want_indices)
+                                           self.want_indices, cache_salt=cache_salt)
         plan = self._decode_plan(handle, served, sampling_params, stats)
         plan.extra.update(extra, draft_tokens=draft_tokens)
         return plan
 
     def _self_draft(self, policy: Policy, prompt_ids: list[int], sampling_params: Any,
-                    request_id: str, stats: ApproxStats) -> Plan:
+                    request_id: str, stats: ApproxStats, cache_salt: str | None = None
+                    ) -> Plan:
         """ALGORITHMS.md, "Self-draft": the target serves ``P`` with the user's sampling
         parameters for ``n + 1`` tokens, flagged for KV compaction with ``D`` = its first
         ``n``; the client gets those tokens as they come (they are exact), and the workers
@@ -144,7 +147,7 @@ class MethodPipeline:
                                                cached=int(first.num_cached_tokens or 0))
             if handle is None:  # scoring rows were prefix-cache hits: score P + D for real
                 handle = await self.target.compact(prompt_ids, tokens[:n], policy, request_id,
-                                                   self.want_indices)
+                                                   self.want_indices, cache_salt=cache_salt)
             return self._decode_plan(handle, prompt_ids, sampling_params, stats, tokens)
 
         async def release() -> None:

@@ -153,18 +153,20 @@ class DraftScheduler:
 
     async def plan(
         self, prompt_token_ids: list[int], sampling_params: Any, cfg: ApproxConfig,
-        request_id: str,
+        request_id: str, cache_salt: str | None = None,
     ) -> Plan:
+        """``cache_salt``: the user's, which the draft and scoring requests carry too."""
         n = len(prompt_token_ids)
         cfg = cfg.for_prompt(n)  # ratios become budgets here, once the prompt is known
-        plan = await self._plan(prompt_token_ids, sampling_params, cfg, request_id)
+        plan = await self._plan(prompt_token_ids, sampling_params, cfg, request_id,
+                                {"cache_salt": cache_salt} if cache_salt else {})
         for key, value in cfg.budgets().items():
             setattr(plan.stats, key, value)
         return plan
 
     async def _plan(
         self, prompt_token_ids: list[int], sampling_params: Any, cfg: ApproxConfig,
-        request_id: str,
+        request_id: str, salt: dict[str, str],
     ) -> Plan:
         n = len(prompt_token_ids)
         policy = build_policy(cfg)
@@ -175,7 +177,8 @@ class DraftScheduler:
             return Plan(prompt_token_ids,
                         ApproxStats(cfg.method, False, n, n, reason="prompt_within_budget"))
         try:
-            return await self.pipeline(policy, prompt_token_ids, sampling_params, request_id)
+            return await self.pipeline(policy, prompt_token_ids, sampling_params, request_id,
+                                       **salt)
         except DraftFailure as e:
             self.draft_failures += 1
             if self.on_draft_failure == "error":

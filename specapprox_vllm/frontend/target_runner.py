@@ -57,6 +57,12 @@ def _has_penalties(params: Any) -> bool:
             or getattr(params, "frequency_penalty", 0.0) != 0.0)
 
 
+
+def _prompt(ids: list[int], cache_salt: str | None) -> dict[str, Any]:
+    """A token prompt under the user's ``cache_salt``, if any: a scoring request reads and
+    publishes prefix blocks only where the user's own requests may."""
+    return {"prompt_token_ids": ids, **({"cache_salt": cache_salt} if cache_salt else {})}
+
 class TargetKVRunner:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
@@ -116,7 +122,8 @@ class TargetKVRunner:
                         retried, cached, any(p["recomputed"] for p in parts), indices)
 
     async def compact(self, prompt_ids: list[int], draft_tokens: list[int], policy: Policy,
-                      request_id: str, want_indices: bool = False) -> KVHandle:
+                      request_id: str, want_indices: bool = False,
+                      cache_salt: str | None = None) -> KVHandle:
         """Run the scoring request ``P + D`` and return the handle of the stored KV."""
         t0 = time.perf_counter()
         for skip_cache in (False, True):
@@ -125,7 +132,7 @@ class TargetKVRunner:
             cached = 0
             try:
                 async for out in self.engine.generate(
-                        {"prompt_token_ids": [*prompt_ids, *draft_tokens]}, params,
+                        _prompt([*prompt_ids, *draft_tokens], cache_salt), params,
                         f"{request_id}-kvscore-{key}"):
                     cached = int(out.num_cached_tokens or 0)
             except BaseException:

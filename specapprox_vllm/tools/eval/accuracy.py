@@ -49,12 +49,12 @@ from specapprox_vllm.policies import (
 )
 from specapprox_vllm.tools.eval.ruler import TASKS, EvalCase, make_case
 from specapprox_vllm.tools.eval.specpc_common import (
-    MODEL_DIR,
-    MODEL_NAME,
     REPO,
     Server,
+    add_client_args,
     draft_server_args,
     machine_info,
+    save_result,
 )
 from specapprox_vllm.tools.eval.sweep import (
     REFERENCE,
@@ -242,10 +242,7 @@ def _fmt(v: float | None, width: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base-url", help="an OpenAI-compatible server (default: start ours)")
-    p.add_argument("--api-key")
-    p.add_argument("--model", default=MODEL_NAME)
-    p.add_argument("--tokenizer", default=str(MODEL_DIR))
+    add_client_args(p)
     p.add_argument("--draft-layers", default="full", help="k or 'full' (own server only)")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"of {','.join(TASKS)}")
     p.add_argument("--lengths", default="1024,2048,3072")
@@ -281,13 +278,8 @@ def main(argv: list[str] | None = None) -> int:
               | {"out": str(args.out)}, "draft_layers": args.draft_layers,
               "wall_s": round(time.time() - t0, 1), "requests": len(records),
               "errors": len(errors), "summary": summary}
-    args.out.write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(markdown_table(summary))
     print_table(summary)
-    if errors:
-        e = errors[0]
-        print(f"{len(errors)} records not counted (failed, or the draft failed and the server "
-              f"fell back), e.g. {e.get('error') or e['approx'].get('fallback')}")
+    save_result(args.out, result, markdown_table(summary), errors)
     plot(summary, args.out)
     print(f"wrote {args.out} and its plots")
     return 0

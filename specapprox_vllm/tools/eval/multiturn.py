@@ -6,8 +6,8 @@ turn's prompt is the whole conversation again, so its cost depends on the prefix
 (``usage.prompt_tokens_details.cached_tokens``). Per case: one haystack document with several
 key -> number needles (RULER's wording), a different key asked at each turn, each setting's
 conversation carrying its own replies; every turn is scored (RULER string match) and timed.
-Within a case the settings run one after another (full attention first; ``order`` says which
-ran first). ``--resume`` serves again only incomplete, failed or fallen-back conversations.
+Each conversation has its own ``cache_salt``: turn 1 is cold, later turns hit only their own
+blocks. ``--resume`` serves again incomplete, failed or fallen-back conversations.
 
 Usage::
 
@@ -53,18 +53,18 @@ from specapprox_vllm.tools.eval.ruler import (
     string_match_all,
 )
 from specapprox_vllm.tools.eval.specpc_common import (
-    MODEL_DIR,
-    MODEL_NAME,
     REPO,
     Server,
+    add_client_args,
     machine_info,
+    save_result,
 )
 from specapprox_vllm.tools.eval.sweep import REFERENCE, Setting, settings
 
 DEFAULT_METHODS = ",".join(p.name for p in (SpecKVPolicy, SnapKVPolicy, SpecPCPolicy,
                                             SpecKVPCPolicy))
 #: Needles per document: more than the turns, so every question has distractors.
-NEEDLES = 6
+NEEDLES = 3  # SmolLM2-135M retrieves 3 keys from 4k tokens; at 6 full attention scored 0.25
 INSTRUCTION = "Read the text and answer the questions."
 #: Fields of ``usage.approx`` summarized as medians per turn.
 COST_FIELDS = ("draft_ms", "score_ms", "select_ms")
@@ -182,7 +182,7 @@ def usage_fields(usage: Any) -> tuple[int | None, int | None, dict[str, Any]]:
 
 
 async def stream_turn(client: Any, model: str, messages: list[dict[str, str]],
-                      max_tokens: int, approx: dict[str, Any]) -> dict[str, Any]:
+                      max_tokens: int, approx: dict[str, Any], salt: str = "") -> dict:
     """One streamed request: its text, client-side TTFT (first chunk with content; the first
     chunk at all when no content came) and latency, and the final chunk's usage."""
     t0 = time.perf_counter()
@@ -191,7 +191,8 @@ async def stream_turn(client: Any, model: str, messages: list[dict[str, str]],
     usage = None
     stream = await client.chat.completions.create(
         model=model, messages=messages, max_tokens=max_tokens, temperature=0.0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"approx": approx})
+        stream_options={"include_usage": True},
+        extra_body={"approx": approx, **({"cache_salt": salt} if salt else {})})
     async for chunk in stream:
         now = time.perf_counter()
         if chunk.choices:
@@ -211,9 +212,7 @@ async def stream_turn(client: Any, model: str, messages: list[dict[str, str]],
 
 
 def usable(r: dict[str, Any]) -> bool:
-    """Served without error and not a draft-failure fallback to full attention (which
-    measured ``none``). Unusable records stay in the JSONL; ``--resume`` serves their
-    conversation again."""
+    """Served without error, and not a draft-failure fallback (that measured ``none``)."""
     return ("error" not in r and r.get("score") is not None
             and not (r.get("approx") or {}).get("fallback"))
 
@@ -253,7 +252,7 @@ async def serve_conversation(client: Any, args: argparse.Namespace, case: MultiT
                                "attempt": attempt, "answer": case.answer(turn)}
         try:
             out = await stream_turn(client, args.model, case.messages(turn, replies),
-                                    args.max_tokens, approx)
+                                    args.max_tokens, approx, salt=f"multiturn-{attempt}")
         except Exception as exc:  # noqa: BLE001 - recorded, kept out of the means
             rec.update(score=None, error=f"{type(exc).__name__}: {exc}"[:300])
             sink(rec)
@@ -440,10 +439,7 @@ def _ints(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base-url", help="an OpenAI-compatible server (default: start ours)")
-    p.add_argument("--api-key")
-    p.add_argument("--model", default=MODEL_NAME)
-    p.add_argument("--tokenizer", default=str(MODEL_DIR))
+    add_client_args(p)
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help=f"comma-separated, of {','.join(method_names())} (default "
                         f"{DEFAULT_METHODS}; full attention is always served first)")
@@ -483,13 +479,8 @@ def main(argv: list[str] | None = None) -> int:
               "args": vars(args) | {"out": str(args.out)}, "wall_s": round(time.time() - t0, 1),
               "requests": len(records), "errors": len(errors), "order_note": ORDER_NOTE,
               "summary": summary}
-    args.out.write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(markdown_table(summary))
     print_table(summary)
-    if errors:
-        e = errors[0]
-        print(f"{len(errors)} records not counted (failed, or the draft failed and the server "
-              f"fell back), e.g. {e.get('error') or (e.get('approx') or {}).get('fallback')}")
+    save_result(args.out, result, markdown_table(summary), errors)
     plot(summary, args.out.with_suffix(".png"))
     print(f"wrote {args.out}, {args.out.with_suffix('.md').name} and "
           f"{args.out.with_suffix('.png').name}")

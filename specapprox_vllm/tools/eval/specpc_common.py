@@ -13,6 +13,7 @@ process of that group survived. Nothing here imports vLLM: the tools are HTTP cl
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
 import signal
@@ -334,3 +335,23 @@ def foreign_cores(before: tuple[float, float, float], after: tuple[float, float,
     if wall <= 0:
         return 0.0
     return round(max(0.0, (after[1] - before[1]) - (after[2] - before[2])) / wall, 2)
+
+
+def save_result(out: Path, result: dict[str, Any], markdown: str,
+                errors: list[dict[str, Any]]) -> None:
+    """Write an eval's JSON (``out``) and markdown table (``out`` with ``.md``), and say how
+    many records were left out and why (the first one's error or fallback)."""
+    out.write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(markdown)
+    if errors:
+        e = errors[0]
+        print(f"{len(errors)} records not counted (failed, or the draft failed and the server "
+              f"fell back), e.g. {e.get('error') or (e.get('approx') or {}).get('fallback')}")
+
+
+def add_client_args(p: Any) -> None:
+    """The flags every HTTP eval takes: which server (or start ours), key, model, tokenizer."""
+    p.add_argument("--base-url", help="an OpenAI-compatible server (default: start ours)")
+    p.add_argument("--api-key")
+    p.add_argument("--model", default=MODEL_NAME)
+    p.add_argument("--tokenizer", default=str(MODEL_DIR))
