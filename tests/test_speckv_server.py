@@ -180,3 +180,30 @@ def test_prefix_cache_hits_are_reported_for_kv_methods(client: openai.OpenAI, ne
         n = again.usage.prompt_tokens
         cached = again.usage.prompt_tokens_details.cached_tokens
         assert cached == first_row(n) // block * block, (approx, cached, n)
+
+
+def test_cache_salt_reaches_the_scoring_requests(client: openai.OpenAI, needle) -> None:
+    """A user's ``cache_salt`` isolates their prefix blocks (vLLM's contract): the scoring
+    request of a KV method, and the draft run of a prompt method, carry it too. A new salt
+    reads nothing from the cache; the same salt again reads its own blocks."""
+    block, window = 128, 32
+    for approx, cached_of in (
+            ({"method": "snapkv", "kv_budget": 128},
+             lambda u: u.prompt_tokens_details.cached_tokens),
+            ({"method": "specpc", "prompt_budget": 1024},  # the draft pass's hits: draft_ms
+             None)):
+        salt = f"t-{approx['method']}-{time.time_ns()}"
+
+        def salted(s: str, approx: dict = approx):
+            return client.chat.completions.create(
+                model=MODEL, messages=needle.messages, max_tokens=24, temperature=0,
+                extra_body={"approx": approx, "cache_salt": s})
+
+        first, again, other = salted(salt), salted(salt), salted(salt + "-other")
+        n = first.usage.prompt_tokens
+        if cached_of is not None:
+            assert cached_of(first.usage) == 0 and cached_of(other.usage) == 0
+            assert cached_of(again.usage) == (n - window - 1) // block * block
+        else:  # the draft pass reads its salted blocks: far faster the second time
+            ms = [r.usage.model_extra["approx"]["draft_ms"] for r in (first, again, other)]
+            assert ms[1] < 0.5 * ms[0] and ms[2] > 2 * ms[1], ms
