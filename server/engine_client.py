@@ -90,9 +90,8 @@ class ApproxEngineClient:
                 yield out
             return
         token_ids = list(token_ids)
-        salt = prompt.get("cache_salt")  # the draft and scoring requests carry it too
         plan = await self.scheduler.plan(token_ids, sampling_params, cfg, request_id,
-                                         **({"cache_salt": salt} if salt else {}))
+                                         cache_salt=prompt.get("cache_salt"))
         if ctx is not None:
             ctx.stats.append(plan.stats)
             ctx.engine_requests.append(request_id)

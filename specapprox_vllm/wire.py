@@ -93,6 +93,13 @@ class ScoringSpec:
         return p.prompt_rows(self.prompt_len, self.n_draft)
 
 
+def token_prompt(ids: list[int], cache_salt: str | None = None) -> dict[str, Any]:
+    """The engine prompt of an internal request (draft run, scoring request) over token ids,
+    under the user's ``cache_salt`` if any: it reads and publishes prefix blocks only where the
+    user's own requests may."""
+    return {"prompt_token_ids": ids, **({"cache_salt": cache_salt} if cache_salt else {})}
+
+
 def prefix_cache_cap(extra_args: dict[str, Any] | None) -> int | None:
     """How many leading tokens a flagged request may read from the prefix cache: those before
     its first scoring row, whose query it must compute (None: not flagged, or no rows score).

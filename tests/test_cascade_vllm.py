@@ -51,8 +51,8 @@ async def test_served_cascade_equals_the_referee(referee, tokenizer) -> None:
         plans = {}
         plan = scheduler.plan
 
-        async def recording(ids, params, cfg, rid):
-            plans[rid] = await plan(ids, params, cfg, rid)
+        async def recording(ids, params, cfg, rid, **kw):
+            plans[rid] = await plan(ids, params, cfg, rid, **kw)
             return plans[rid]
 
         scheduler.plan = recording

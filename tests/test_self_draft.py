@@ -41,8 +41,8 @@ def self_draft_client(engine):
     client.plans = {}
     plan = scheduler.plan
 
-    async def recording(ids, params, cfg, rid):
-        p = await plan(ids, params, cfg, rid)
+    async def recording(ids, params, cfg, rid, **kw):
+        p = await plan(ids, params, cfg, rid, **kw)
         if p.lookahead is not None:
             resume = p.lookahead.resume
 

@@ -29,7 +29,7 @@ import torch
 
 from specapprox_vllm import vllm_compat
 from specapprox_vllm.policies import Policy
-from specapprox_vllm.wire import PROMPT_SCORES_KEY, RPC, ScoringSpec
+from specapprox_vllm.wire import PROMPT_SCORES_KEY, RPC, ScoringSpec, token_prompt
 
 T = TypeVar("T")
 DRAFT_GENERATION_KEYS = ("repetition_penalty", "presence_penalty", "frequency_penalty")
@@ -97,10 +97,8 @@ class DraftRunner:
                                 skip_reading_prefix_cache=skip_reading_prefix_cache,
                                 detokenize=False, **self.sampling_defaults)
         final = None
-        prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids}
-        if cache_salt is not None:  # the user's: the draft shares cache only where they may
-            prompt["cache_salt"] = cache_salt
-        async for out in self.engine.generate(prompt, params, request_id):
+        async for out in self.engine.generate(token_prompt(prompt_ids, cache_salt), params,
+                                              request_id):
             final = out
         if final is None or not final.outputs:
             raise DraftError(f"draft request {request_id} produced no output")

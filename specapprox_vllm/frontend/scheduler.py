@@ -113,7 +113,7 @@ class Plan:
 
 class DraftScheduler:
     """Plans each request with ``pipeline`` (a :class:`~.pipeline.MethodPipeline`, or any
-    callable ``(policy, prompt_ids, sampling_params, request_id) -> Plan`` with a
+    callable ``(policy, prompt_ids, sampling_params, request_id, cache_salt=None) -> Plan`` with a
     ``has_draft`` attribute and a ``check(policy)`` method; None: full attention only)."""
 
     def __init__(self, pipeline: Any | None = None, on_draft_failure: str = "fallback"
@@ -158,15 +158,14 @@ class DraftScheduler:
         """``cache_salt``: the user's, which the draft and scoring requests carry too."""
         n = len(prompt_token_ids)
         cfg = cfg.for_prompt(n)  # ratios become budgets here, once the prompt is known
-        plan = await self._plan(prompt_token_ids, sampling_params, cfg, request_id,
-                                {"cache_salt": cache_salt} if cache_salt else {})
+        plan = await self._plan(prompt_token_ids, sampling_params, cfg, request_id, cache_salt)
         for key, value in cfg.budgets().items():
             setattr(plan.stats, key, value)
         return plan
 
     async def _plan(
         self, prompt_token_ids: list[int], sampling_params: Any, cfg: ApproxConfig,
-        request_id: str, salt: dict[str, str],
+        request_id: str, cache_salt: str | None,
     ) -> Plan:
         n = len(prompt_token_ids)
         policy = build_policy(cfg)
@@ -178,7 +177,7 @@ class DraftScheduler:
                         ApproxStats(cfg.method, False, n, n, reason="prompt_within_budget"))
         try:
             return await self.pipeline(policy, prompt_token_ids, sampling_params, request_id,
-                                       **salt)
+                                       cache_salt=cache_salt)
         except DraftFailure as e:
             self.draft_failures += 1
             if self.on_draft_failure == "error":

@@ -28,7 +28,14 @@ from typing import Any
 
 from specapprox_vllm.policies import Policy
 from specapprox_vllm.vllm_compat import kv_geometry
-from specapprox_vllm.wire import KV_COMPACTION_KEY, LOAD_KEY, PENALTY_KEY, RPC, ScoringSpec
+from specapprox_vllm.wire import (
+    KV_COMPACTION_KEY,
+    LOAD_KEY,
+    PENALTY_KEY,
+    RPC,
+    ScoringSpec,
+    token_prompt,
+)
 
 
 class KVCompactError(RuntimeError):
@@ -56,12 +63,6 @@ def _has_penalties(params: Any) -> bool:
             or getattr(params, "presence_penalty", 0.0) != 0.0
             or getattr(params, "frequency_penalty", 0.0) != 0.0)
 
-
-
-def _prompt(ids: list[int], cache_salt: str | None) -> dict[str, Any]:
-    """A token prompt under the user's ``cache_salt``, if any: a scoring request reads and
-    publishes prefix blocks only where the user's own requests may."""
-    return {"prompt_token_ids": ids, **({"cache_salt": cache_salt} if cache_salt else {})}
 
 class TargetKVRunner:
     def __init__(self, engine: Any) -> None:
@@ -132,7 +133,7 @@ class TargetKVRunner:
             cached = 0
             try:
                 async for out in self.engine.generate(
-                        _prompt([*prompt_ids, *draft_tokens], cache_salt), params,
+                        token_prompt([*prompt_ids, *draft_tokens], cache_salt), params,
                         f"{request_id}-kvscore-{key}"):
                     cached = int(out.num_cached_tokens or 0)
             except BaseException:
