@@ -57,6 +57,15 @@ def target_flags(e: EngineConfig) -> list[str]:
                                "--logits-processors", PENALTY_PROCESSOR_PATH]
 
 
+def draft_flags(e: EngineConfig) -> list[str]:
+    """A separate draft engine's flags: its engine flags plus the same KV connector, whose
+    scheduler side caps a scoring draft request's prefix-cache hit before its first scoring
+    row (``wire.prefix_cache_cap``). Without it, the next turn of a conversation hit the
+    SpecPC window in the draft's cache, left its queries uncomputed and ran the draft again
+    without the cache: a full second prefill."""
+    return _engine_flags(e) + ["--kv-transfer-config", json.dumps(CONNECTOR_CONFIG)]
+
+
 def vllm_server_args(cfg: ServerConfig) -> argparse.Namespace:
     """The ``Namespace`` ``vllm serve`` would build for the target engine."""
     flags = target_flags(cfg.target) + [
@@ -81,7 +90,7 @@ def draft_engine_args(cfg: ServerConfig) -> Any:
 
         draft = draft.model_copy(update={"model": str(truncated_checkpoint(draft.model,
                                                                            draft.num_layers))})
-    args = serve_arg_parser().parse_args(_engine_flags(draft))
+    args = serve_arg_parser().parse_args(draft_flags(draft))
     return AsyncEngineArgs.from_cli_args(args)
 
 

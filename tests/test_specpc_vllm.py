@@ -1,6 +1,7 @@
 """SpecPC inside vLLM: draft scores captured by the plugin's attention backend in a real
 draft engine, against the HF referee (same model, fp32), with chunked prefill forced to split
-the prompt and with prefix-cache hits (partial, and total, which forces a re-run)."""
+the prompt and with prefix-cache hits (partial, and total: the server's KV connector caps the
+hit before the first scoring row, so nothing is re-run)."""
 
 from __future__ import annotations
 
@@ -27,12 +28,14 @@ def _engine():
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from specapprox_vllm.wire import WORKER_EXTENSION
+    from specapprox_vllm.wire import CONNECTOR_CONFIG, WORKER_EXTENSION
 
+    # As server/engines.py starts a separate draft engine: with the KV connector.
     return AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=str(require_model()), dtype="float32", max_model_len=4096, enforce_eager=True,
         kv_cache_memory_bytes=1 << 30, max_num_batched_tokens=CHUNK, enable_prefix_caching=True,
-        enable_chunked_prefill=True, worker_extension_cls=WORKER_EXTENSION, seed=0))
+        enable_chunked_prefill=True, worker_extension_cls=WORKER_EXTENSION, seed=0,
+        kv_transfer_config=CONNECTOR_CONFIG))
 
 
 def _check(result, ref_tokens, ref_score) -> None:
@@ -75,10 +78,12 @@ async def test_draft_scores_inside_vllm_equal_the_referee(referee, tokenizer) ->
         tokens, ref = referee.run_draft(ids, 2, WINDOW, START_LAYER, True)
         _check(res, tokens, ref)
 
-        # Total hit (the same prompt again): window rows come from the cache, so the capture
-        # is incomplete and the runner re-runs the draft without reading the cache.
+        # The same prompt again (the next turn of a conversation): the hit stops at the block
+        # before the first window row, whose queries are computed; no second draft run.
         res = await runner.score_prompt(ids, specpc(), 2, "repeat")
-        assert res.retried_without_prefix_cache
+        assert not res.retried_without_prefix_cache
+        block = engine.vllm_config.cache_config.block_size
+        assert res.cached_tokens == (len(ids) - WINDOW) // block * block > 0
         _check(res, tokens, ref)
     finally:
         engine.shutdown()

@@ -41,3 +41,18 @@ def test_server_uses_it_for_draft_num_layers(tmp_path: Path, smollm2_dir: Path) 
                       {"draft.model": str(src), "draft.num_layers": 2}, environ={})
     args = draft_engine_args(cfg)
     assert Path(args.model) == tmp_path / "t-first2"
+
+
+def test_separate_draft_engine_has_the_kv_connector(smollm2_dir: Path) -> None:
+    """Its scheduler side caps a scoring draft request's prefix-cache hit (see
+    tests/test_specpc_vllm.py): without it a repeated prompt is drafted twice."""
+    from server.config import load_config
+    from server.engines import draft_engine_args, needs_draft
+    from specapprox_vllm.wire import CONNECTOR_CONFIG
+    from tests.conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / "default.yaml", {"draft.share_target_engine": False},
+                      environ={})
+    assert needs_draft(cfg)
+    args = draft_engine_args(cfg)
+    assert args.kv_transfer_config.kv_connector == CONNECTOR_CONFIG["kv_connector"]

@@ -139,14 +139,18 @@ def test_paged_keys() -> None:
     layer, cache, table, k, _ = _round_trip()
     pos = torch.tensor([0, 31, 32, 69, 5])
     assert torch.equal(vllm_compat.paged_keys(layer, cache, table, pos), k[pos])
+    for n in (0, 1, 31, 32, 33, 70):  # a prefix, read page by page
+        assert torch.equal(vllm_compat.paged_keys(layer, cache, table, n), k[:n])
     with pytest.raises(vllm_compat.UnsupportedKVLayout, match="amx"):
         vllm_compat.paged_keys(SimpleNamespace(isa="amx"), cache, table, pos)
 
 
 def test_paged_values() -> None:
     layer, cache, table, _, v = _round_trip()
-    pos = torch.arange(70)
-    assert torch.equal(vllm_compat.paged_values(layer, cache, table, pos), v)
+    pos = torch.tensor([69, 0, 33, 32, 31])
+    assert torch.equal(vllm_compat.paged_values(layer, cache, table, pos), v[pos])
+    for n in (0, 1, 31, 32, 33, 70):
+        assert torch.equal(vllm_compat.paged_values(layer, cache, table, n), v[:n])
 
 
 def test_attention_layers() -> None:

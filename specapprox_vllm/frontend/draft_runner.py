@@ -56,6 +56,7 @@ class DraftResult:
     ms: float
     capture_ms: float = 0.0
     retried_without_prefix_cache: bool = False
+    cached_tokens: int = 0  # prompt tokens the (last) draft request read from the prefix cache
 
 
 class DraftRunner:
@@ -90,7 +91,8 @@ class DraftRunner:
     async def _generate(self, prompt_ids: list[int], max_tokens: int, request_id: str,
                         extra_args: dict[str, Any] | None = None,
                         skip_reading_prefix_cache: bool = False,
-                        cache_salt: str | None = None) -> list[int]:
+                        cache_salt: str | None = None) -> tuple[list[int], int]:
+        """The draft's tokens and how many prompt tokens it read from the prefix cache."""
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, extra_args=extra_args,
@@ -102,7 +104,7 @@ class DraftRunner:
             final = out
         if final is None or not final.outputs:
             raise DraftError(f"draft request {request_id} produced no output")
-        return list(final.outputs[0].token_ids)
+        return list(final.outputs[0].token_ids), int(final.num_cached_tokens or 0)
 
     async def _pop(self, key: str) -> list[dict[str, Any]]:
         results = await self.engine.collective_rpc(RPC.POP_PROMPT_SCORES, args=([key],))
@@ -128,7 +130,7 @@ class DraftRunner:
             key = uuid.uuid4().hex
             spec = ScoringSpec.for_policy(key, policy, len(prompt_ids), lookahead)
             try:
-                tokens = await self._generate(prompt_ids, lookahead,
+                tokens, cached = await self._generate(prompt_ids, lookahead,
                                               f"{request_id}-draft-{key}",
                                               {PROMPT_SCORES_KEY: spec.to_extra()}, skip_cache,
                                               cache_salt)
@@ -147,7 +149,7 @@ class DraftRunner:
                 for p in parts:  # tensor-parallel ranks: each scored its own heads
                     score = policy.fold(score, torch.tensor(p["score"]))
                 return DraftResult(tokens, score, 1e3 * (time.perf_counter() - t0),
-                                   sum(p["ms"] for p in parts), retried)
+                                   sum(p["ms"] for p in parts), retried, cached)
             # Scoring rows were served from the prefix cache and never computed.
             retried = True
         raise DraftError("draft prompt scores incomplete even without prefix caching")
@@ -156,8 +158,8 @@ class DraftRunner:
                        request_id: str, cache_salt: str | None = None) -> DraftResult:
         """Plain greedy draft tokens (SpecKV's lookahead), no capture."""
         t0 = time.perf_counter()
-        tokens = await self._guarded(self._generate(prompt_ids, max_tokens,
-                                                    f"{request_id}-draft-{uuid.uuid4().hex}",
-                                                    cache_salt=cache_salt))
-        return DraftResult(tokens, None, 1e3 * (time.perf_counter() - t0))
+        tokens, cached = await self._guarded(self._generate(
+            prompt_ids, max_tokens, f"{request_id}-draft-{uuid.uuid4().hex}",
+            cache_salt=cache_salt))
+        return DraftResult(tokens, None, 1e3 * (time.perf_counter() - t0), cached_tokens=cached)
 

@@ -95,13 +95,12 @@ def _finish_layer(entry: KVEntry, name: str, layer: Any, kv_cache: Tensor, table
             # re-runs the scoring request without reading the prefix cache.
             entry.error = INCOMPLETE
             return
-        keys = vllm_compat.paged_keys(layer, kv_cache, table, torch.arange(scoring.stop))
+        keys = vllm_compat.paged_keys(layer, kv_cache, table, scoring.stop)
         q = torch.stack([rows[p] for p in scoring])
         scores = policy.fold(None, policy.score_kv_chunk(q, keys, length, scale))
         keys = keys[: length - 1]
     else:
-        keys = vllm_compat.paged_keys(layer, kv_cache, table, torch.arange(length - 1))
-    positions = torch.arange(length - 1)
+        keys = vllm_compat.paged_keys(layer, kv_cache, table, length - 1)
     idx = policy.select_kv(scores, keys, length)
     if idx is None:
         raise ValueError(f"prompt of {length} tokens is within kv_budget {policy.kv_entries()}")
@@ -109,7 +108,7 @@ def _finish_layer(entry: KVEntry, name: str, layer: Any, kv_cache: Tensor, table
     if c != policy.kv_entries():
         raise ValueError(f"{policy.name}.select_kv kept {c} entries, kv_entries() says "
                          f"{policy.kv_entries()}")
-    values = vllm_compat.paged_values(layer, kv_cache, table, positions)
+    values = vllm_compat.paged_values(layer, kv_cache, table, length - 1)
     gather = idx.t()[:, :, None].expand(c, h_kv, keys.shape[-1])  # row j, head h -> idx[h, j]
     k_sel = keys.gather(0, gather)
     v_sel = values.gather(0, gather)

@@ -16,6 +16,10 @@ stored until the request finishes), and vLLM recomputes the generated tokens on 
 
 What the scheduler side observed (blocks at admission, free blocks after allocation, loads)
 comes back in the finished request's ``kv_transfer_params["specapprox"]``.
+
+Its scheduler side also caps the prefix-cache hit of a request flagged for scores before its
+first scoring row (``wire.prefix_cache_cap``). A separate draft engine runs the connector for
+that alone: it never loads anything there.
 """
 
 from __future__ import annotations

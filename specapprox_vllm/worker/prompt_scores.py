@@ -8,7 +8,9 @@ score (``policy.fold``). For SpecPC every reduction is a max, so folding step by
 exactly ALGORITHMS.md's score however chunked prefill splits the prompt and whether earlier
 keys come from earlier chunks or the prefix cache. Rows served from the prefix cache are
 never computed: such a score is reported incomplete, and the caller runs the draft again
-without reading the prefix cache.
+without reading the prefix cache. The KV connector's scheduler side, which a separate draft
+engine runs too, caps a flagged request's hit before its first scoring row, so that retry is
+a guard, not the path of a repeated prompt.
 """
 
 from __future__ import annotations
@@ -68,8 +70,7 @@ def score_layer(impl: Any, layer: Any, query: Tensor, kv_cache: Tensor, attn_met
             continue
         t0 = time.perf_counter()
         try:
-            keys = vllm_compat.paged_keys(layer, kv_cache, view.block_table,
-                                          torch.arange(rows_here.stop))
+            keys = vllm_compat.paged_keys(layer, kv_cache, view.block_table, rows_here.stop)
             part = policy.score_prompt_chunk(view.queries(query, rows_here), keys,
                                              torch.tensor(rows_here), length,
                                              vllm_compat.attention_scale(impl))

@@ -229,7 +229,7 @@ def truncated_checkpoint(layers: int) -> Path:
 
 def draft_server_args(layers: int | None, mode: str = "num_layers") -> list[str]:
     """``specapprox-serve`` flags for a draft of the target's first ``layers`` layers
-    (``None`` = the full SmolLM2 as a separate draft engine, the default config).
+    (``None``: the default config, where the target is its own draft).
 
     ``mode="num_layers"`` is the product's own way (``--draft.num_layers k``);
     ``mode="checkpoint"`` points ``--draft.model`` at a truncated copy of the checkpoint
