@@ -42,11 +42,6 @@ def test_cases_are_deterministic_sized_and_answerable(tok, task: str, length: in
         assert len(re.findall(r"One of the special magic numbers for", text)) == {
             "niah_single": 1, "niah_multikey": 4, "niah_multivalue": 4,
             "niah_multiquery": 4}[task]
-    if task == "long_list":  # one contiguous registry, its numbers in the order asked for
-        registry = re.findall(r"The registry of [\w-]+ has exactly 16 entries: ([^.]*)\.", text)
-        assert len(registry) == 1
-        assert re.findall(r"\d{7}", registry[0]) == list(case.answers)
-        assert case.max_tokens >= 16 * 17
 
 
 def test_string_match_all() -> None:

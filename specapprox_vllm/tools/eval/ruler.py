@@ -12,11 +12,7 @@ so nothing has to be downloaded:
 * ``vt`` (variable tracking): a chain ``VAR A = 12345. VAR B = VAR A. ...`` spread through
   the text; every variable that holds the value must be named;
 * ``cwe`` (common-words extraction): a numbered word list; name its 10 most common words;
-* ``qa``: short generated "documents" stating who runs which library, one asked about;
-* ``long_list``: not a RULER task. One contiguous registry of 16 ``key: number`` entries at
-  a random depth, to be listed in full: a reply of about 280 tokens, most of it decoded after
-  SpecKV's 32-token lookahead, so it measures what the compacted KV still holds over a long
-  answer (the other tasks' replies mostly end within the lookahead).
+* ``qa``: short generated "documents" stating who runs which library, one asked about.
 
 Scoring is RULER's ``string_match_all``: the fraction of reference strings that appear,
 case-insensitively, in the reply. A case is a chat prompt of about ``length`` tokens in the
@@ -163,21 +159,6 @@ def _qa(rng: random.Random) -> tuple[list[str], str, tuple[str, ...], int]:
     return inserts, q, (people[asked],), 32
 
 
-LIST_ENTRIES = 16
-
-
-def _long_list(rng: random.Random) -> tuple[list[str], str, tuple[str, ...], int]:
-    keys_used: set[str] = set()
-    values_used: set[str] = set()
-    name = _key(rng, keys_used)
-    entries = [(_key(rng, keys_used), _number(rng, values_used)) for _ in range(LIST_ENTRIES)]
-    registry = (f"The registry of {name} has exactly {LIST_ENTRIES} entries: "
-                + "; ".join(f"{k}: {v}" for k, v in entries) + ".")
-    q = f"List every entry of the registry of {name} in order, one per line, as key: number."
-    # an entry is about 17 tokens in the reply
-    return [registry], q, tuple(v for _, v in entries), 32 + 20 * LIST_ENTRIES
-
-
 TASKS: dict[str, TaskFn | None] = {
     "niah_single": _niah(1, 1, 1),
     "niah_multikey": _niah(4, 1, 1),
@@ -186,7 +167,6 @@ TASKS: dict[str, TaskFn | None] = {
     "vt": _vt,
     "cwe": None,  # a word list, not a haystack: built by _cwe_case
     "qa": _qa,
-    "long_list": _long_list,
 }
 
 
