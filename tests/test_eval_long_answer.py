@@ -14,6 +14,7 @@ from specapprox_vllm.tools.eval.long_answer import (
     make_case,
     markdown_table,
     summarize,
+    unrelated_floor,
 )
 
 
@@ -87,3 +88,10 @@ def test_summary_by_hand() -> None:
                                "needle": 0.5, "reply_tokens": 100.0, "compressed": 0.5}
     table = markdown_table(s)
     assert "| speckv@256 | 2 | 100.0 | 66.5 | 0.750 | 0.50 | 0.50 | 0.50 |" in table
+
+
+def test_unrelated_floor_is_the_mean_over_ordered_pairs() -> None:
+    a, b, c = [1, 2, 3], [1, 2, 4], [9]
+    pairs = [lcs_f1(x, y) for x, y in ((a, b), (a, c), (b, a), (b, c), (c, a), (c, b))]
+    assert unrelated_floor([a, b, c]) == pytest.approx(round(sum(pairs) / 6, 3))
+    assert unrelated_floor([a]) is None

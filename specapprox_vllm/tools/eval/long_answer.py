@@ -52,7 +52,7 @@ from specapprox_vllm.tools.eval.specpc_common import (
 )
 from specapprox_vllm.tools.eval.sweep import REFERENCE, Setting, settings
 
-__all__ = ["LongCase", "common_prefix", "lcs_f1", "make_case", "summarize"]
+__all__ = ["LongCase", "common_prefix", "lcs_f1", "make_case", "summarize", "unrelated_floor"]
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,15 @@ def lcs_f1(pred: list[int], ref: list[int]) -> float:
 def compare(ids: list[int], ref_ids: list[int]) -> dict[str, Any]:
     return {"prefix": common_prefix(ids, ref_ids), "lcs_f1": round(lcs_f1(ids, ref_ids), 4),
             "identical": ids == ref_ids}
+
+
+def unrelated_floor(replies: list[list[int]]) -> float | None:
+    """Mean ROUGE-L F1 between full attention's replies to *different* cases: what two
+    unrelated retellings share (the same style, the same stock phrases). A method's F1 is
+    read against it, not against 0."""
+    pairs = [lcs_f1(a, b) for i, a in enumerate(replies) for j, b in enumerate(replies)
+             if i != j]
+    return round(statistics.fmean(pairs), 3) if pairs else None
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -239,11 +248,15 @@ def main(argv: list[str] | None = None) -> int:
         records = asyncio.run(run(args, srv.base_url))
     errors = [r for r in records if "error" in r]
     summary = summarize(records)
+    floor = unrelated_floor([r["ids"] for r in records
+                             if r["setting"] == REFERENCE and "error" not in r])
     result = {"command": " ".join(sys.argv), "machine": machine_info(),
               "args": vars(args) | {"out": str(args.out)}, "wall_s": round(time.time() - t0, 1),
-              "summary": summary, "records": [{k: v for k, v in r.items() if k != "ids"}
-                                              for r in records]}
-    table = markdown_table(summary)
+              "summary": summary, "unrelated_floor": floor,
+              "records": [{k: v for k, v in r.items() if k != "ids"} for r in records]}
+    table = markdown_table(summary) + (
+        f"\nROUGE-L F1 between full attention's replies to different cases (the floor): "
+        f"{floor}\n")
     print(table)
     save_result(args.out, result, table, errors)
     plot(summary, args.out)
