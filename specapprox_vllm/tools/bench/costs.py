@@ -13,9 +13,11 @@ cache can share them):
   (output tokens after each first token / from the first first token to the last token), how
   many were compressed (``usage.approx.applied``) and how many fell back; where each method
   starts paying off.
-* ``--mode resident``: more concurrent requests than full KV can hold at ``--kv-cache-gib``;
-  the peak of requests in the target's running batch (``/metrics``) and of requests between
-  their first and last token (client side), observed, beside what the pool holds by arithmetic.
+* ``--mode resident``: more concurrent requests than full KV can hold in the server's pool
+  (``--server-arg=--target.kv_cache_memory_gib`` ...); the peak of requests in the target's
+  running batch (``/metrics``), of requests between their first and last token (client side)
+  and of KV blocks used, observed (docs/results.md sets them beside what the pool holds by
+  arithmetic: the engine log's "KV cache size").
 
 The server is ``specapprox-serve --config CONFIG`` with ``--server-arg``s on top, so the same
 script measures the default one-model server and ``configs/large-target.yaml``.
