@@ -38,6 +38,7 @@ from typing import Any
 
 from specapprox_vllm.tools.eval.ruler import (
     build_haystack,
+    chat_prompt,
     count_tokens,
     random_key,
     random_number,
@@ -74,12 +75,9 @@ def make_case(tokenizer: Any, length: int, seed: int) -> LongCase:
          f"magic number for {key}.")
     overhead = count_tokens(tokenizer, needle + q) + 40
     doc = build_haystack(rng, tokenizer, max(length - overhead, 16), [needle])
-    messages = [{"role": "user",
-                 "content": f"Read the text and answer the question.\n\n{doc}\n\nQuestion: {q}"}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return LongCase(length, seed, messages, value, len(ids))
+    messages, n = chat_prompt(
+        tokenizer, f"Read the text and answer the question.\n\n{doc}\n\nQuestion: {q}")
+    return LongCase(length, seed, messages, value, n)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -28,8 +28,8 @@ from typing import Any
 
 from specapprox_vllm.tools.eval.needle import _ADJ, _NOUNS, _sentence
 
-__all__ = ["TASKS", "EvalCase", "build_haystack", "count_tokens", "make_case", "random_key",
-           "random_number", "string_match_all"]
+__all__ = ["TASKS", "EvalCase", "build_haystack", "chat_prompt", "count_tokens", "make_case",
+           "random_key", "random_number", "string_match_all"]
 
 _NAMES = ("Alice Moreau", "Bruno Keller", "Chen Wei", "Dara Singh", "Elena Rossi",
           "Farid Haddad", "Greta Olsen", "Hugo Lambert", "Ines Duarte", "Jonas Berg",
@@ -178,6 +178,9 @@ def _chat(tokenizer: Any, content: str) -> tuple[list[dict[str, str]], int]:
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]
     return messages, len(ids)
+
+
+chat_prompt = _chat  # (messages, prompt tokens with the chat template) of one user message
 
 
 def _pseudo_word(rng: random.Random) -> str:
