@@ -272,53 +272,38 @@ def attention_scale(impl: Any) -> float:
     return float(impl.scale)
 
 
-def _pages(layer: Any, kv_cache: Tensor, part: int) -> tuple[Tensor, int]:
-    """CPU_ATTN keeps one tensor per layer, ``[num_blocks, H_kv, block_size, 2*D]``: per
-    (block, head) page the K part, then the V part. With ``isa == "vec"`` (fp32, or any dtype
-    without AMX) K is stored transposed, ``[D, block_size]``, V row-major ``[block_size, D]``
-    (checked by tests/test_vllm_compat.py against the backend's own writer). The ``amx`` ISA
-    (bf16 on AMX CPUs) packs K differently and is refused."""
+def _paged_read(layer: Any, kv_cache: Tensor, table: Tensor, pos: Tensor | int, part: int
+                ) -> Tensor:
+    """``[T, H_kv, D]`` keys (``part`` 0) or values (1) at ``pos``; an int ``n``: the first ``n``
+    tokens, copied page by page (the draft's SpecPC scoring reads a prefix in every layer of
+    every step). CPU_ATTN's ``[blocks, H_kv, block_size, 2*D]`` holds per (block, head) K then
+    V; with ``isa == "vec"`` (fp32, or no AMX) K is ``[D, block_size]``, V ``[block_size, D]``
+    (tested against the backend's writer); ``amx`` (bf16 on AMX) packs K otherwise: refused."""
     isa = getattr(layer, "isa", None)
     if isa not in SUPPORTED_CPU_ISAS:
         raise UnsupportedKVLayout(
             f"paged-KV reader supports CPU_ATTN isa {SUPPORTED_CPU_ISAS}, got {isa!r}: run the "
             "engine in float32 (bf16 on AMX CPUs uses the packed 'amx' layout)")
-    nb, kvh, bs, two_d = kv_cache.shape
-    d = two_d // 2
-    pages = kv_cache.view(nb, kvh, 2, bs * d)[:, :, part]
-    return (pages.view(nb, kvh, d, bs) if part == 0 else pages.view(nb, kvh, bs, d)), bs
-
-
-def _paged_read(layer: Any, kv_cache: Tensor, block_table: Tensor, positions: Tensor | int,
-                part: int) -> Tensor:
-    pages, bs = _pages(layer, kv_cache, part)
-    if isinstance(positions, int):
-        # The first ``positions`` tokens: copy whole pages, then one transpose. Indexing
-        # element by element (the general path) costs ~10x more on a 4k prefix, and the
-        # draft's SpecPC scoring reads a prefix in every layer of every decode step.
-        nblk = -(-positions // bs)
-        blocks = pages[block_table[:nblk].long()]  # K [n, H, D, bs], V [n, H, bs, D]
-        if part == 0:
-            blocks = blocks.permute(0, 3, 1, 2)
-        else:
-            blocks = blocks.transpose(1, 2)
-        return blocks.reshape(nblk * bs, *blocks.shape[2:])[:positions]
+    nb, kvh, bs, d = *kv_cache.shape[:3], kv_cache.shape[3] // 2
+    half = kv_cache.view(nb, kvh, 2, bs * d)[:, :, part]
+    pages = half.view(nb, kvh, d, bs) if part == 0 else half.view(nb, kvh, bs, d)
+    if isinstance(pos, int):
+        blocks = pages[table[:-(-pos // bs)].long()]  # K [n, H, D, bs], V [n, H, bs, D]
+        blocks = blocks.permute(0, 3, 1, 2) if part == 0 else blocks.transpose(1, 2)
+        return blocks.flatten(0, 1)[:pos]
     if part == 0:
-        return pages[block_table[positions // bs].long(), :, :, positions % bs]
-    return pages[block_table[positions // bs].long(), :, positions % bs, :]
+        return pages[table[pos // bs].long(), :, :, pos % bs]
+    return pages[table[pos // bs].long(), :, pos % bs, :]
 
 
-def paged_keys(layer: Any, kv_cache: Tensor, block_table: Tensor, positions: Tensor | int
-               ) -> Tensor:
-    """Keys ``[T, H_kv, D]`` of one request's tokens at ``positions`` (an int ``n``: the
-    first ``n`` tokens, read page by page), from the paged cache."""
-    return _paged_read(layer, kv_cache, block_table, positions, 0)
+def paged_keys(layer: Any, kv_cache: Tensor, table: Tensor, pos: Tensor | int) -> Tensor:
+    """Keys of one request's tokens from the paged cache (see :func:`_paged_read`)."""
+    return _paged_read(layer, kv_cache, table, pos, 0)
 
 
-def paged_values(layer: Any, kv_cache: Tensor, block_table: Tensor, positions: Tensor | int
-                 ) -> Tensor:
-    """Values ``[T, H_kv, D]`` of one request's tokens at ``positions`` (an int: a prefix)."""
-    return _paged_read(layer, kv_cache, block_table, positions, 1)
+def paged_values(layer: Any, kv_cache: Tensor, table: Tensor, pos: Tensor | int) -> Tensor:
+    """Values of one request's tokens from the paged cache (see :func:`_paged_read`)."""
+    return _paged_read(layer, kv_cache, table, pos, 1)
 
 
 def write_kv(layer: Any, keys: Tensor, values: Tensor, slots: Tensor) -> None:
@@ -406,9 +391,8 @@ _HITS_CAPPED: list[Callable[[Any], int | None]] = []
 
 
 def cap_prefix_cache_hits(cap_for: Callable[[Any], int | None]) -> None:
-    """Wrap ``KVCacheManager.get_computed_blocks``: a request reads at most ``cap_for(
-    request)`` tokens (whole blocks) from the prefix cache, so that a scoring request computes
-    the queries of its scoring rows and still reads the rest of a repeated prompt."""
+    """Wrap ``KVCacheManager.get_computed_blocks``: a request reads at most ``cap_for(req)``
+    tokens (whole blocks) of prefix cache, so a scoring request computes its scoring rows."""
     installed, _HITS_CAPPED[:] = bool(_HITS_CAPPED), [cap_for]  # the latest ``cap_for`` rules
     if installed:
         return
@@ -421,8 +405,7 @@ def cap_prefix_cache_hits(cap_for: Callable[[Any], int | None]) -> None:
         cap = _HITS_CAPPED[0](request) if hit else None
         if cap is None or hit <= cap or len(blocks.blocks) != 1:
             return blocks, hit, boundary
-        block_size = hit // len(blocks.blocks[0])
-        keep = cap // block_size
+        keep = cap // (block_size := hit // len(blocks.blocks[0]))
         kept = self.create_kv_cache_blocks((list(blocks.blocks[0][:keep]),))
         return kept, keep * block_size, min(boundary, keep * block_size)
 
@@ -460,15 +443,13 @@ def kv_geometry(engine: Any) -> KVGeometry:
 
 
 def generation_defaults(engine: Any) -> dict[str, Any]:
-    """The sampling defaults of an ``AsyncLLM``'s checkpoint (``generation_config.json`` or
-    overrides), as vLLM's OpenAI serving reads them (``get_diff_sampling_param``)."""
+    """A checkpoint's sampling defaults, as vLLM's OpenAI serving reads them."""
     model = getattr(engine, "model_config", None)
     return dict(model.get_diff_sampling_param()) if model is not None else {}
 
 
 def stat_loggers(engine: Any) -> list[Any] | None:
-    """The list of stat loggers an ``AsyncLLM`` calls with each step's stats (None when the
-    engine was built with stats disabled); appending to it adds a logger."""
+    """An ``AsyncLLM``'s stat loggers (None: stats disabled); appending adds a logger."""
     loggers = getattr(getattr(engine, "logger_manager", None), "stat_loggers", None)
     return loggers if isinstance(loggers, list) else None
 

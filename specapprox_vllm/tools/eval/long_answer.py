@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from specapprox_vllm.policies import SnapKVPolicy, SpecKVPolicy, SpecPCPolicy
 from specapprox_vllm.tools.eval.ruler import (
     build_haystack,
     chat_prompt,
@@ -52,6 +53,8 @@ from specapprox_vllm.tools.eval.specpc_common import (
     save_result,
 )
 from specapprox_vllm.tools.eval.sweep import REFERENCE, Setting, settings
+
+DEFAULT_METHODS = ",".join(p.name for p in (SpecKVPolicy, SnapKVPolicy, SpecPCPolicy))
 
 __all__ = ["LongCase", "common_prefix", "lcs_f1", "make_case", "summarize", "unrelated_floor"]
 
@@ -231,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", default="4096")
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--seed0", type=int, default=0)
-    p.add_argument("--methods", default="speckv,snapkv,specpc",
+    p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma-separated; full attention is always served first")
     p.add_argument("--kv-budgets", default="256,512")
     p.add_argument("--prompt-budgets", default="1024")
