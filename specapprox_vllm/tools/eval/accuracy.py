@@ -59,8 +59,9 @@ from specapprox_vllm.tools.eval.specpc_common import (
 from specapprox_vllm.tools.eval.sweep import (
     REFERENCE,
     Setting,
+    int_list,
     markdown_table,
-    settings,
+    settings_from_flags,
     summarize,
 )
 
@@ -110,7 +111,7 @@ async def run(args: argparse.Namespace, base_url: str, out: Path) -> list[dict[s
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    grid = settings(args.methods.split(","), _ints(args.kv_budgets), _ints(args.prompt_budgets))
+    grid = settings_from_flags(args)
     jsonl = out.with_suffix(".records.jsonl")
     done: dict[tuple[str, str, int, int], dict[str, Any]] = {}
     if args.resume and jsonl.exists():
@@ -151,7 +152,7 @@ async def _serve_phase(name: str, args: argparse.Namespace, tok: Any, client: An
     for i in range(args.samples):
         seed = args.seed0 + i
         for task in args.tasks.split(","):
-            for length in _ints(args.lengths):
+            for length in int_list(args.lengths):
                 if cells is not None and (task, length) not in cells:
                     continue
                 todo = [s for s in grid if (s.label, task, length, seed) not in done]
@@ -230,10 +231,6 @@ def plot(summary: dict[str, Any], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out.with_name(out.stem + "_length.png"), dpi=110)
     plt.close(fig)
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
 
 
 def _fmt(v: float | None, width: int) -> str:

@@ -52,7 +52,7 @@ from specapprox_vllm.tools.eval.specpc_common import (
     machine_info,
     save_result,
 )
-from specapprox_vllm.tools.eval.sweep import REFERENCE, Setting, settings
+from specapprox_vllm.tools.eval.sweep import REFERENCE, Setting, int_list, settings_from_flags
 
 DEFAULT_METHODS = ",".join(p.name for p in (SpecKVPolicy, SnapKVPolicy, SpecPCPolicy))
 
@@ -184,9 +184,9 @@ async def run(args: argparse.Namespace, base_url: str) -> list[dict[str, Any]]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    grid = settings(args.methods.split(","), _ints(args.kv_budgets), _ints(args.prompt_budgets))
+    grid = settings_from_flags(args)
     cases = [make_case(tok, n, args.seed0 + i) for i in range(args.samples)
-             for n in _ints(args.lengths)]
+             for n in int_list(args.lengths)]
     client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=args.api_key or "unused",
                                 max_retries=0, timeout=args.timeout)
     records: list[dict[str, Any]] = []
@@ -210,9 +210,9 @@ async def run(args: argparse.Namespace, base_url: str) -> list[dict[str, Any]]:
         bar.update(1)
         return rec
 
-    for case in cases:  # full attention first: every other reply is compared with it
+    assert grid[0].method == REFERENCE  # served first: every other reply is compared with it
+    for case in cases:
         ref = await serve(case, grid[0])
-        assert grid[0].method == REFERENCE
         group = [ref] + [await serve(case, s) for s in grid[1:]]
         for rec in group:
             if "error" in rec or "error" in ref:
@@ -222,10 +222,6 @@ async def run(args: argparse.Namespace, base_url: str) -> list[dict[str, Any]]:
         records += group
     bar.close()
     return records
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
 
 
 def main(argv: list[str] | None = None) -> int:

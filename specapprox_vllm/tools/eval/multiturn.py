@@ -59,7 +59,7 @@ from specapprox_vllm.tools.eval.specpc_common import (
     machine_info,
     save_result,
 )
-from specapprox_vllm.tools.eval.sweep import REFERENCE, Setting, settings
+from specapprox_vllm.tools.eval.sweep import REFERENCE, Setting, int_list, settings_from_flags
 
 DEFAULT_METHODS = ",".join(p.name for p in (SpecKVPolicy, SnapKVPolicy, SpecPCPolicy,
                                             SpecKVPCPolicy))
@@ -272,7 +272,7 @@ async def run(args: argparse.Namespace, base_url: str, out: Path) -> list[dict[s
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    grid = settings(args.methods.split(","), _ints(args.kv_budgets), _ints(args.prompt_budgets))
+    grid = settings_from_flags(args)
     jsonl = out.with_suffix(".records.jsonl")
     latest: dict[tuple[str, int, int, int], dict[str, Any]] = {}
     if args.resume and jsonl.exists():
@@ -283,7 +283,7 @@ async def run(args: argparse.Namespace, base_url: str, out: Path) -> list[dict[s
         usable(latest.get((*c, t), {"error": "missing"})) for t in range(1, args.turns + 1))}
     jobs = []
     for i in range(args.samples):  # sample-major: a stopped sweep covers every length evenly
-        for length in _ints(args.lengths):
+        for length in int_list(args.lengths):
             todo = [s for s in grid if (s.label, length, args.seed0 + i) not in done]
             if todo:
                 jobs.append((make_case(tok, length, args.seed0 + i, args.turns), todo))
@@ -431,10 +431,6 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
 
 
 def main(argv: list[str] | None = None) -> int:

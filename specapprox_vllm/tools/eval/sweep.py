@@ -25,6 +25,11 @@ from specapprox_vllm.policies import DEFAULT_METHOD, get_policy
 REFERENCE = DEFAULT_METHOD
 
 
+def int_list(text: str) -> list[int]:
+    """A comma-separated flag (``--lengths 1024,4096``, ``--kv-budgets``) as integers."""
+    return [int(x) for x in text.split(",") if x]
+
+
 def compresses(method: str) -> bool:
     """Whether ``method`` takes a budget at all (the reference takes none)."""
     policy = get_policy(method)
@@ -69,6 +74,13 @@ def settings(methods: list[str], kv_budgets: list[int], prompt_budgets: list[int
         budgets = kv_budgets if get_policy(m).compresses_kv else prompt_budgets
         out += [Setting(m, b) for b in budgets]
     return out
+
+
+def settings_from_flags(args: Any) -> list[Setting]:
+    """:func:`settings` from an eval's ``--methods``, ``--kv-budgets`` and ``--prompt-budgets``
+    (comma-separated strings)."""
+    return settings(args.methods.split(","), int_list(args.kv_budgets),
+                    int_list(args.prompt_budgets))
 
 
 def cell_means(records: list[dict[str, Any]]) -> dict[tuple[str, str, int], float]:
