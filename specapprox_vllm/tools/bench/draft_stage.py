@@ -28,8 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-RUNS = (("generate n=1", None, 1), ("generate n=8", None, 8), ("specpc n=1", "specpc", 1),
-        ("cascade n=8", "speckv_pc", 8))
+from specapprox_vllm.policies import SpecKVPCPolicy, SpecPCPolicy
+
+RUNS = (("generate n=1", None, 1), ("generate n=8", None, 8),
+        ("specpc n=1", SpecPCPolicy.name, 1), ("cascade n=8", SpecKVPCPolicy.name, 8))
 
 
 def spread(values: list[float]) -> str:
