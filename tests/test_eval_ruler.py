@@ -60,6 +60,22 @@ def test_settings_grid_and_requests() -> None:
         "method": "speckv_pc", "kv_budget": 128, "prompt_budget": 2048}
 
 
+def test_a_lookahead_cap_reaches_only_the_methods_that_have_one() -> None:
+    grid = settings(["speckv", "snapkv", "specpc", "speckv_pc"], [128], [512], max_lookahead=64)
+    assert [s.label for s in grid] == [
+        "none", "speckv+max_lookahead=64@128", "snapkv@128", "specpc@512",
+        "speckv_pc+max_lookahead=64@128"]
+    assert grid[1].approx() == {"method": "speckv", "kv_budget": 128, "max_lookahead": 64}
+    # the request the server receives is one its config accepts, with the cap in force
+    from specapprox_vllm.policies import get_policy, make_approx_config
+
+    for s in grid[1:]:
+        cfg = make_approx_config(s.method, overrides={k: v for k, v in s.approx().items()
+                                                      if k != "method"})
+        n = get_policy(s.method)(cfg).draft_tokens(96)
+        assert n == (64 if s.max_lookahead else 1 if s.method == "specpc" else 0)
+
+
 def test_summary_drops_cells_full_attention_cannot_do() -> None:
     def rec(setting: str, task: str, length: int, score: float) -> dict:
         return {"setting": setting, "task": task, "length": length, "score": score}

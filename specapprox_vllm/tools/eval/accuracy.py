@@ -88,7 +88,8 @@ async def serve_case(client: Any, model: str, case: EvalCase, todo: list[Setting
     for setting in todo:
         t0 = time.perf_counter()
         rec: dict[str, Any] = {"setting": setting.label, "method": setting.method,
-                               "budget": setting.budget, "task": case.task,
+                               "budget": setting.budget,
+                               "max_lookahead": setting.max_lookahead, "task": case.task,
                                "length": case.length, "seed": case.seed,
                                "prompt_tokens": case.prompt_tokens}
         try:
@@ -251,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-budgets", default="128,256,512")
     p.add_argument("--prompt-budgets", default="512,1024,2048")
     p.add_argument("--cascade-prompt-budget", type=int, default=2048)
+    p.add_argument("--max-lookahead", type=int, default=None,
+                   help="cap on SpecKV's and the cascade's lookahead n (default: the "
+                        "method's); such rows are labelled method+max_lookahead=N@budget")
     p.add_argument("--min-full", type=float, default=0.5)
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--timeout", type=float, default=900.0)

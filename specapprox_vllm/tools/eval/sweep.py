@@ -36,14 +36,26 @@ def compresses(method: str) -> bool:
     return policy.compresses_kv or policy.compresses_prompt
 
 
+def caps_lookahead(method: str) -> bool:
+    """Whether ``method``'s lookahead ``n`` is the request's ``max_tokens`` capped by a
+    ``max_lookahead`` setting (SpecKV and the cascade)."""
+    return "max_lookahead" in get_policy(method).config_cls.model_fields
+
+
 @dataclass(frozen=True)
 class Setting:
     method: str
     budget: int | None  # the swept budget (KV entries, or prompt tokens for a prompt method)
+    max_lookahead: int | None = None  # the lookahead cap, when not the method's default
 
     @property
     def label(self) -> str:
-        return self.method if self.budget is None else f"{self.method}@{self.budget}"
+        """``speckv@128``; with a cap of its own ``speckv+max_lookahead=64@128`` (the
+        ``method+key=value`` form of the benchmarks), so both live in one records file."""
+        name = self.method
+        if self.max_lookahead is not None:
+            name += f"+max_lookahead={self.max_lookahead}"
+        return name if self.budget is None else f"{name}@{self.budget}"
 
     @property
     def is_reference(self) -> bool:
@@ -60,27 +72,31 @@ class Setting:
                 out["prompt_budget"] = cascade_prompt_budget
         elif policy.compresses_prompt:
             out["prompt_budget"] = self.budget
+        if self.max_lookahead is not None:
+            out["max_lookahead"] = self.max_lookahead
         return out
 
 
-def settings(methods: list[str], kv_budgets: list[int], prompt_budgets: list[int]
-             ) -> list[Setting]:
+def settings(methods: list[str], kv_budgets: list[int], prompt_budgets: list[int],
+             max_lookahead: int | None = None) -> list[Setting]:
     """The reference first (it warms the prefix cache for the rest), then each method that
-    compresses at each of its budgets."""
+    compresses at each of its budgets. ``max_lookahead`` applies to the methods that cap
+    their lookahead (:func:`caps_lookahead`); the others keep their settings and labels."""
     out = [Setting(REFERENCE, None)]
     for m in methods:
         if not compresses(m):
             continue
         budgets = kv_budgets if get_policy(m).compresses_kv else prompt_budgets
-        out += [Setting(m, b) for b in budgets]
+        cap = max_lookahead if caps_lookahead(m) else None
+        out += [Setting(m, b, cap) for b in budgets]
     return out
 
 
 def settings_from_flags(args: Any) -> list[Setting]:
     """:func:`settings` from an eval's ``--methods``, ``--kv-budgets`` and ``--prompt-budgets``
-    (comma-separated strings)."""
+    (comma-separated strings), and its ``--max-lookahead`` where it has one."""
     return settings(args.methods.split(","), int_list(args.kv_budgets),
-                    int_list(args.prompt_budgets))
+                    int_list(args.prompt_budgets), getattr(args, "max_lookahead", None))
 
 
 def cell_means(records: list[dict[str, Any]]) -> dict[tuple[str, str, int], float]:
