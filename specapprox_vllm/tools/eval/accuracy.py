@@ -198,11 +198,13 @@ def plot(summary: dict[str, Any], out: Path) -> None:
 
     rows = summary["settings"]
     full = rows.get(REFERENCE, {}).get("mean")
-    # the swept methods in the order of the rows; each on the axis of the budget it sweeps
+    # the swept names (a method, or method+key=value) in the order of the rows; each on the
+    # axis of the budget its method sweeps
     swept = [m for m in dict.fromkeys(k.split("@")[0] for k in rows if "@" in k)
-             if m in method_names()]
-    kv = [m for m in swept if get_policy(m).compresses_kv]
-    prompt = [m for m in swept if m not in kv and get_policy(m).compresses_prompt]
+             if m.split("+")[0] in method_names()]
+    kv = [m for m in swept if get_policy(m.split("+")[0]).compresses_kv]
+    prompt = [m for m in swept if m not in kv
+              and get_policy(m.split("+")[0]).compresses_prompt]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, methods, xlabel in ((axes[0], kv, "KV budget (entries)"),
                                 (axes[1], prompt, "prompt budget (tokens)")):
